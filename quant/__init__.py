@@ -1,0 +1,1 @@
+"""qaas core quantization library: recipes, quantizers, transforms, methods, evaluation, artifacts."""
