@@ -1,0 +1,1 @@
+from quant.transforms import kronecker  # noqa: F401  (registers "kronecker")
