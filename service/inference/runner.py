@@ -1,0 +1,176 @@
+"""Batched forward passes of a (quantized) model: pure torch, synchronous, no asyncio.
+
+:class:`DecoderRunner` does continuous-batching generation mechanics for causal LMs:
+
+* ``prefill(prompts)`` runs ONE forward pass over several prompts, left-padded to a common length
+  with an attention mask and per-row position ids, and returns a :class:`KVBatch` (the KV cache of
+  every row, padded on the left) plus the last-position logits of every row;
+* ``merge(a, b)`` joins two batches (new requests joining a running batch between decode steps) by
+  left-padding the shorter cache;
+* ``select(batch, rows)`` drops finished rows (and the all-padding columns that leaves);
+* ``decode(batch)`` runs ONE forward pass of one token for every active row over its cached keys.
+
+:class:`EncoderRunner` embeds a batch of texts in one forward pass (mean pooling over the attention
+mask, L2-normalised).
+
+Every forward pass goes through the model as loaded from the artifact, i.e. through QuantLinear
+(CUDA kernels on a GPU, the reference path on CPU). ``forward_passes`` counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+
+@dataclass
+class KVBatch:
+    """The running batch: per-layer keys/values [B, H, T, D] left-padded, mask [B, T], last tokens [B]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    last_tokens: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+
+def _cache_tensors(cache: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [layer.keys for layer in layers], [layer.values for layer in layers]
+    return list(cache.key_cache), list(cache.value_cache)  # older transformers
+
+
+def _build_cache(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, i)
+    return cache
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    extra = length - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class DecoderRunner:
+    def __init__(self, model: nn.Module, pad_token_id: int, max_positions: int) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.max_positions = max_positions
+        self.device = next(model.parameters()).device
+        self.forward_passes = 0
+        self.batch_sizes: list[int] = []
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache):
+        self.forward_passes += 1
+        self.batch_sizes.append(int(input_ids.shape[0]))
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> tuple[KVBatch, torch.Tensor]:
+        """One forward pass over ``prompts`` (left padding + mask). Returns the batch and last logits [B, V]."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs non-empty prompts")
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, length - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, DynamicCache())
+        keys, values = _cache_tensors(cache)
+        batch = KVBatch(keys=list(keys), values=list(values), mask=mask, last_tokens=ids[:, -1].clone())
+        return batch, logits
+
+    @torch.inference_mode()
+    def decode(self, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
+        """Feed one new token per row (``tokens``) through one forward pass; updates ``batch`` in place."""
+        new = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        positions = batch.mask.sum(dim=1, keepdim=True)  # real tokens so far = the new token's position
+        mask = torch.cat([batch.mask, torch.ones_like(new)], dim=1)
+        logits, cache = self._forward(new, mask, positions, _build_cache(batch.keys, batch.values))
+        keys, values = _cache_tensors(cache)
+        batch.keys, batch.values, batch.mask, batch.last_tokens = list(keys), list(values), mask, new.squeeze(1)
+        return logits
+
+    @staticmethod
+    def merge(a: KVBatch | None, b: KVBatch) -> KVBatch:
+        """Concatenate two batches along the batch dimension (left-padding the shorter one)."""
+        if a is None or a.size == 0:
+            return b
+        length = max(a.length, b.length)
+        keys = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.keys, b.keys)]
+        values = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.values, b.values)]
+        mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
+        return KVBatch(keys, values, mask, torch.cat([a.last_tokens, b.last_tokens]))
+
+    @staticmethod
+    def select(batch: KVBatch, rows: list[int]) -> KVBatch | None:
+        """Keep only ``rows``; trims the leading columns that became padding in every remaining row."""
+        if not rows:
+            return None
+        idx = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
+        mask = batch.mask.index_select(0, idx)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0].item()) if used.numel() else 0
+        keys = [k.index_select(0, idx)[:, :, start:] for k in batch.keys]
+        values = [v.index_select(0, idx)[:, :, start:] for v in batch.values]
+        return KVBatch(keys, values, mask[:, start:], batch.last_tokens.index_select(0, idx))
+
+    def row_lengths(self, batch: KVBatch) -> list[int]:
+        return batch.mask.sum(dim=1).tolist()
+
+
+class EncoderRunner:
+    """Mean-pooled, L2-normalised sentence embeddings from an encoder, one forward pass per batch."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int, max_positions: int) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.max_positions = max_positions
+        self.device = next(model.parameters()).device
+        self.forward_passes = 0
+        self.batch_sizes: list[int] = []
+
+    @torch.inference_mode()
+    def embed(self, inputs: list[list[int]]) -> torch.Tensor:
+        if not inputs or any(len(p) == 0 for p in inputs):
+            raise ValueError("embed needs non-empty inputs")
+        length = max(len(p) for p in inputs)
+        ids = torch.full((len(inputs), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), length), dtype=torch.long)
+        for i, p in enumerate(inputs):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[i, : len(p)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.forward_passes += 1
+        self.batch_sizes.append(len(inputs))
+        out = self.model(input_ids=ids, attention_mask=mask)
+        hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
