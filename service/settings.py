@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from quant.settings import QuantSettings
+
 DEFAULT_VAR_DIR = Path("var")
 
 
@@ -25,7 +27,10 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker URL (Redis)")
     result_backend_url: str | None = Field(None, description="Celery result backend; defaults to redis_url")
     artifact_dir: Path = Field(DEFAULT_VAR_DIR / "artifacts", description="where job artifacts are written")
-    model_store: Path = Field(DEFAULT_VAR_DIR / "model_store", description="local HF-format model folders")
+    model_store: Path = Field(
+        default_factory=lambda: QuantSettings().model_store,
+        description="local HF-format model folders (same variable and default as quant.settings)",
+    )
 
     max_body_bytes: int = Field(1_048_576, ge=1024, description="request bodies above this are refused with 413")
     job_deadline_seconds: int = Field(6 * 3600, ge=1, description="a job not finished this long after submission fails")

@@ -1,0 +1,1 @@
+"""Versioned HTTP API (``/v1``)."""
