@@ -1,3 +1,4 @@
 """Built-in quantization methods; each module registers itself with ``@register_method``."""
 
 from quant.methods import rtn  # noqa: F401
+from quant.methods import gptq  # noqa: F401
