@@ -2,3 +2,5 @@
 
 from quant.methods import rtn  # noqa: F401
 from quant.methods import gptq  # noqa: F401
+from quant.methods import smoothquant  # noqa: F401
+from quant.methods import osplus  # noqa: F401
