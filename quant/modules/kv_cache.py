@@ -134,8 +134,13 @@ def _eager_attention(
         value = value.repeat_interleave(groups, dim=1)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = (query @ key.transpose(-1, -2)) * scaling
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if attention_mask is None and getattr(module, "is_causal", False) and q_len > 1:
+        # SDPA-style mask creation skips fully causal masks (SDPA's is_causal covers them)
+        rows = torch.arange(q_len, device=query.device).unsqueeze(1) + (kv_len - q_len)
+        attention_mask = torch.arange(kv_len, device=query.device).unsqueeze(0) <= rows
     if attention_mask is not None:
-        mask = attention_mask[..., : key.shape[-2]]
+        mask = attention_mask[..., :kv_len]
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
