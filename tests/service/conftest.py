@@ -33,6 +33,11 @@ def root_conftest():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    return PG_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     with fresh_postgres_database(PG_ADMIN_URL, prefix="qaas_svc") as url:
         yield url
