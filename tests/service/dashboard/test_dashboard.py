@@ -93,7 +93,7 @@ def test_dashboard_renders_jobs_live_and_compares_metrics(seeded: SeededApp, bro
     with LiveServer(seeded.app) as server:
         browser.get(f"{server.url}/dashboard#key={seeded.keys['alice']}")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs-body tr.job-row")) == 7)
-        assert browser.find_element(By.ID, "status").get_attribute("data-state") == "ok"
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "ok")
         assert "#key=" not in browser.current_url  # the key is dropped from the address bar
 
         rows = {r.get_attribute("data-job-id"): r for r in browser.find_elements(By.CSS_SELECTOR, "#jobs-body tr.job-row")}
@@ -117,7 +117,9 @@ def test_dashboard_renders_jobs_live_and_compares_metrics(seeded: SeededApp, bro
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#charts .chart svg rect.bar"))
         assert browser.find_element(By.ID, "compare-model").get_attribute("value") == MODEL
         charts = {c.get_attribute("data-metric"): c for c in browser.find_elements(By.CSS_SELECTOR, "#charts .chart")}
-        assert {"perplexity", "kl_divergence", "fp_perplexity"} <= set(charts)
+        assert list(charts) == ["perplexity", "kl_divergence"]  # fp_perplexity is the reference line
+        reference = charts["perplexity"].find_element(By.CSS_SELECTOR, "line.reference")
+        assert float(reference.get_attribute("data-value")) == 20.1
         bars = charts["perplexity"].find_elements(By.CSS_SELECTOR, "rect.bar")
         values = {b.get_attribute("data-job-id"): float(b.get_attribute("data-value")) for b in bars}
         assert values == {seeded.jobs["rtn"]: 31.5, seeded.jobs["gptq"]: 24.2, seeded.jobs["quarot"]: 27.9}
