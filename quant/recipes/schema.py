@@ -148,6 +148,9 @@ class FlatQuantParams(StrictModel):
     learn_scale: bool = Field(True, description="per-channel smoothing scale before the affine transform")
     diag_init: Literal["sq", "one"] = "sq"
     warmup: bool = True
+    diag_alpha: float = Field(0.3, ge=0.0, le=1.0, description="migration strength of the SmoothQuant-style diag init")
+    seed: int = Field(0, ge=0, description="seed of the random orthogonal initialisation of the transforms")
+    amp: bool = Field(True, description="bfloat16 autocast for the block training on CUDA (FP32 on CPU)")
 
 
 class OSTQuantParams(StrictModel):
