@@ -36,7 +36,7 @@ class ModuleType:
 _TYPES: dict[str, ModuleType] = {}
 
 # modules that register qaas module types on import; consulted when a layout names an unknown key
-_BUILTIN_PROVIDERS: tuple[str, ...] = ("quant.modules.kv_cache",)
+_BUILTIN_PROVIDERS: tuple[str, ...] = ("quant.modules.kv_cache", "quant.modules.norms")
 
 
 def register_module_type(key: str, post_install: PostInstall | None = None) -> Callable[[type[nn.Module]], type[nn.Module]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from quant.modules.norms import RMSNormWithBias, norm_eps
-from quant.modules.registry import get_module_type, module_type_of
+from quant.modules.registry import get_module_type, module_type_of, registered_module_types
 from tests.conftest import make_tiny_llama
 
 
@@ -31,6 +31,7 @@ def test_config_round_trip_through_registry() -> None:
     entry = module_type_of(layer)
     assert entry is not None and entry.key == "rms_norm_with_bias"
     assert get_module_type("rms_norm_with_bias").cls is RMSNormWithBias
+    assert "rms_norm_with_bias" in registered_module_types()
     rebuilt = RMSNormWithBias.from_config(layer.config())
     rebuilt.load_state_dict(layer.state_dict(), strict=True)
     x = torch.randn(4, 64)
