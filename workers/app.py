@@ -43,7 +43,6 @@ def create_celery_app(settings: Settings) -> Celery:
         result_backend_transport_options=transport,
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
         beat_schedule={
             "reap-jobs": {"task": REAP_TASK, "schedule": settings.reaper_interval_seconds, "options": {"expires": 60}}
         },

@@ -43,6 +43,14 @@ class QaasTask(Task):
         return self._factory
 
 
+@signals.after_setup_logger.connect
+def _redact_worker_logs(logger: logging.Logger, **_: Any) -> None:
+    from service.logging_setup import RedactSecrets
+
+    for handler in logger.handlers:
+        handler.addFilter(RedactSecrets())
+
+
 @signals.worker_init.connect
 def _check_schema(**_: Any) -> None:
     """Workers never migrate: refuse to start against a database that is not at head."""

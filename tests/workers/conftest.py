@@ -32,6 +32,11 @@ def root_conftest():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def tiny_factories():  # type: ignore[no-untyped-def]
+    return root_conftest()
+
+
+@pytest.fixture(scope="session")
 def worker_pg_url() -> Iterator[str]:
     with fresh_postgres_database(PG_ADMIN_URL, prefix="qaas_wrk") as url:
         engine = make_engine(url)
