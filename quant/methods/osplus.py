@@ -27,6 +27,8 @@ compensated there without an extra online operation).
 
 The reference scores ``q/k/v`` candidates through the full attention and ``gate/up`` through SwiGLU;
 here candidates are scored on the group's linear outputs, which needs no architecture-specific code.
+Weights are scored with RTN rounding even when the recipe rounds them with GPTQ afterwards (a GPTQ run
+per candidate would multiply the calibration cost by the grid size).
 """
 
 from __future__ import annotations
