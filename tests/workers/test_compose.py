@@ -38,6 +38,8 @@ def test_gpu_worker_reserves_an_nvidia_device_and_builds_kernels() -> None:
     text = dockerfile.read_text()
     assert text.startswith("#") and "FROM nvidia/cuda:" in text and "-devel" in text
     assert "TORCH_CUDA_ARCH_LIST" in text
+    assert "python -m kernels.build" in text  # CUDA kernels compiled into the image
+    assert (ROOT / "kernels" / "build.py").is_file()
     assert "cpu" in SERVICES["worker-cpu"]["command"]
 
 
