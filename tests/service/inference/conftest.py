@@ -27,3 +27,32 @@ def qopt():
 @pytest.fixture(scope="module")
 def qbert():
     return quantized_bert()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A test app with two keys and succeeded jobs whose artifacts are tiny quantized models:
+    alice: llama (served as ``qaas/tiny-llama:w4a8``), opt, bert, one running job; bob: llama."""
+    from fastapi.testclient import TestClient
+
+    from service.db.models import JobState
+    from tests.service.inference.helpers import add_job, add_key, interim_loader, make_app, save_model_artifact
+
+    tmp = tmp_path_factory.mktemp("served")
+    seeded = make_app(tmp, inference={"max_batch_size": 8, "max_wait_ms": 30.0, "max_loaded_models": 4})
+    seeded.app.state.artifact_loader = interim_loader
+    add_key(seeded, "alice")
+    add_key(seeded, "bob")
+    models = {}
+    for kind in ("llama", "opt", "bert"):
+        models[kind] = save_model_artifact(kind, tmp / "artifacts" / kind)
+    add_job(seeded, "alice", "llama", "qaas/tiny-llama", JobState.succeeded, 100, recipe_name="w4a8",
+            artifact=tmp / "artifacts" / "llama")
+    add_job(seeded, "alice", "opt", "qaas/tiny-opt", JobState.succeeded, 100, artifact=tmp / "artifacts" / "opt")
+    add_job(seeded, "alice", "bert", "qaas/tiny-bert", JobState.succeeded, 100, artifact=tmp / "artifacts" / "bert")
+    add_job(seeded, "alice", "running", "qaas/tiny-llama", JobState.running, 30)
+    add_job(seeded, "bob", "bob-llama", "qaas/tiny-llama", JobState.succeeded, 100, artifact=tmp / "artifacts" / "llama")
+    with TestClient(seeded.app) as client:
+        seeded.client = client
+        seeded.models = models
+        yield seeded

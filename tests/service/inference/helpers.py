@@ -92,6 +92,8 @@ class SeededApp:
     keys: dict[str, str] = field(default_factory=dict)  # owner -> plaintext key
     key_ids: dict[str, int] = field(default_factory=dict)
     jobs: dict[str, str] = field(default_factory=dict)  # label -> job id
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)  # artifact kind -> the saved model
+    client: Any = None  # a TestClient while the app runs
 
     def headers(self, owner: str) -> dict[str, str]:
         return {"X-API-Key": self.keys[owner]}
@@ -207,3 +209,20 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+# ------------------------------------------------------------------------------------ artifacts
+def save_model_artifact(kind: str, folder: Path, seed: int = 0) -> torch.nn.Module:
+    """Quantize a tiny random ``kind`` model with RTN and save it (and the char tokenizer) as an artifact."""
+    model = BUILDERS[kind](seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    make_char_tokenizer().save_pretrained(str(folder))
+    _ARTIFACTS[str(folder)] = model
+    return model
+
+
+_ARTIFACTS: dict[str, torch.nn.Module] = {}
+
+
+def interim_loader(folder: Path, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    return _ARTIFACTS[str(folder)].to(device), {"base_model": "tiny"}

@@ -1,0 +1,48 @@
+"""GET /v1/served-models and the LRU bound of loaded models."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from service.db.models import JobState
+from tests.service.inference.helpers import add_job, add_key, interim_loader, make_app, save_model_artifact
+
+
+def test_lists_only_the_keys_succeeded_jobs(served) -> None:
+    served.client.post("/v1/completions", headers=served.headers("alice"),
+                       json={"model": served.jobs["llama"], "prompt": "hi", "max_tokens": 1})
+    r = served.client.get("/v1/served-models", headers=served.headers("alice"))
+    assert r.status_code == 200
+    data = {m["job_id"]: m for m in r.json()["data"]}
+    assert set(data) == {served.jobs["llama"], served.jobs["opt"], served.jobs["bert"]}
+    llama = data[served.jobs["llama"]]
+    assert llama["id"] == "qaas/tiny-llama:w4a8" and llama["object"] == "model"
+    assert llama["base_model"] == "qaas/tiny-llama"
+    assert llama["loaded"] is True and llama["kind"] == "causal"
+    bob = served.client.get("/v1/served-models", headers=served.headers("bob")).json()["data"]
+    assert [m["job_id"] for m in bob] == [served.jobs["bob-llama"]]
+
+
+def test_loaded_models_are_lru_bounded(tmp_path) -> None:
+    seeded = make_app(tmp_path, inference={"max_loaded_models": 2, "max_wait_ms": 0.0})
+    seeded.app.state.artifact_loader = interim_loader
+    add_key(seeded, "alice")
+    for kind in ("llama", "opt", "bert"):
+        save_model_artifact(kind, tmp_path / kind)
+        add_job(seeded, "alice", kind, f"qaas/tiny-{kind}", JobState.succeeded, 100, artifact=tmp_path / kind)
+    with TestClient(seeded.app) as client:
+        def use(kind: str) -> None:
+            path, field = ("/v1/embeddings", "input") if kind == "bert" else ("/v1/completions", "prompt")
+            body = {"model": seeded.jobs[kind], field: "hi", **({} if kind == "bert" else {"max_tokens": 1})}
+            assert client.post(path, json=body, headers=seeded.headers("alice")).status_code == 200
+
+        registry = lambda: seeded.app.state.inference_registry  # noqa: E731
+        use("llama")
+        use("opt")
+        use("llama")  # llama becomes most recently used
+        use("bert")  # evicts opt
+        assert registry().loaded_keys() == [seeded.jobs["llama"], seeded.jobs["bert"]]
+        assert registry().loads == 3 and registry().evictions == 1
+        use("opt")  # loads again, evicts llama
+        assert registry().loaded_keys() == [seeded.jobs["bert"], seeded.jobs["opt"]]
+        assert registry().loads == 4
