@@ -34,7 +34,7 @@ per candidate would multiply the calibration cost by the grid size).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -43,9 +43,9 @@ from torch import nn
 from quant.calibration.data import CalibrationData
 from quant.calibration.stats import ChannelStats, collect_group_stats, group_key
 from quant.methods.base import MethodReport, ProgressCallback, QuantizationMethod, no_progress, register_method, sub_progress
-from quant.methods.common import finalize, quantize_linears
-from quant.methods.scaling import MigrationTarget, migrate_group, migration_target
-from quant.models.adapters import get_adapter
+from quant.methods.common import finalize, is_skipped, quantize_linears
+from quant.methods.scaling import RESIDUAL_OUTPUT_GROUP, MigrationTarget, migrate_group, migration_target
+from quant.models.adapters import BlockInfo, LinearGroup, get_adapter
 from quant.quantizers.core import fake_quantize
 from quant.quantizers.weight import quantize_weight_rtn
 from quant.recipes.schema import OSPlusParams, Recipe
@@ -202,6 +202,19 @@ def plan_group(
     return GroupPlan(shift, search, loss, loss_unmigrated, other[0] if other else None)
 
 
+def shift_keeps_layout(block: BlockInfo, group: LinearGroup, recipe: Recipe) -> bool:
+    """A shift adds ``W z`` (or ``z``) to biases. A linear without a bias that the recipe keeps in
+    floating point (``skip_modules``) would stay an ``nn.Linear`` with a bias its architecture does
+    not have, which a saved artifact could not rebuild; such groups take no shift."""
+    linears = dict(group.linears)
+    if group.norm_feeds_residual and group.kind in RESIDUAL_OUTPUT_GROUP:
+        try:
+            linears.update(block.group(RESIDUAL_OUTPUT_GROUP[group.kind]).linears)  # type: ignore[arg-type]
+        except KeyError:
+            pass
+    return all(lin.bias is not None or not is_skipped(name, recipe) for name, lin in linears.items())
+
+
 @torch.no_grad()
 def apply_osplus(
     model: nn.Module,
@@ -234,6 +247,8 @@ def apply_osplus(
         for group in block.groups:
             key = group_key(block, group)
             target = migration_target(adapter, block, group)
+            if target.can_shift and not shift_keeps_layout(block, group, recipe):
+                target = replace(target, can_shift=False, reason="bias-free linear kept in floating point")
             if key not in stats:
                 if report is not None:
                     report.add(key, migrated=0.0)

@@ -201,3 +201,26 @@ def test_beats_rtn(name: str, bits: int) -> None:
     osp = get_method("osplus").calibrate(copy.deepcopy(fp), calibration, _recipe(bits))
     err_rtn, err_os = _rel_mse(_out(rtn, ids), ref), _rel_mse(_out(osp, ids), ref)
     assert err_os < 0.95 * err_rtn, (err_os, err_rtn)
+
+
+def test_no_shift_into_bias_free_linears_kept_in_floating_point() -> None:
+    recipe = Recipe.model_validate(
+        {
+            "method": {"name": "osplus"},
+            "weight": {"bits": 4},
+            "activation": {"bits": 4},
+            "skip_modules": ["lm_head", "self_attn.q_proj"],
+        }
+    )
+    fp = make_tiny_llama(kv_heads=2)
+    ids = make_calibration(num_samples=2, seq_len=12, seed=3).input_ids
+    model = get_method("osplus").calibrate(copy.deepcopy(fp), make_calibration(), recipe)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear and q_proj.bias is None
+    attn_in = [l for l in model.quant_report.layers if l.name.endswith("attn_in")]
+    assert attn_in and all(l.metrics["shifted"] == 0.0 for l in attn_in)
+    assert any(l.metrics.get("shifted") == 1.0 for l in model.quant_report.layers if l.name.endswith("mlp_in"))
+    fresh = make_tiny_llama(kv_heads=2, seed=5)
+    install_modules(fresh, record_modules(model))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(_out(fresh, ids), _out(model, ids), rtol=0, atol=0)
