@@ -67,11 +67,15 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 class OrthogonalFactor(nn.Module):
     """``Q = Q0 @ cayley(A)``: ``Q0`` a fixed random orthogonal start, ``A`` a learnable skew matrix."""
 
-    def __init__(self, n: int, generator: torch.Generator) -> None:
+    def __init__(self, n: int, generator: torch.Generator | None = None, base: torch.Tensor | None = None) -> None:
         super().__init__()
         self.n = n
-        self.register_buffer("base", random_orthogonal(n, generator).float())
-        self.skew = nn.Parameter(torch.zeros(n, n))
+        if base is None:
+            if generator is None:
+                raise ValueError("an OrthogonalFactor needs a generator or a base matrix")
+            base = random_orthogonal(n, generator)
+        self.register_buffer("base", base.detach().float().clone())
+        self.skew = nn.Parameter(torch.zeros(n, n, device=base.device))
 
     def matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         a = torch.triu(self.skew.to(dtype), diagonal=1)
@@ -273,7 +277,10 @@ class BlockFlat(nn.Module):
         params: FlatQuantParams,
         x_smax: dict[str, torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        kv_rotation: torch.Tensor | None = None,
     ) -> None:
+        """``kv_rotation``: the head-dim rotation of the block's KV quantizer (Q and K); when given, it is
+        the start of a learnable orthogonal key transform (the reference's K-cache transform)."""
         super().__init__()
         self.info = block
         self.recipe = recipe
@@ -287,6 +294,7 @@ class BlockFlat(nn.Module):
         self.fold_targets: dict[str, str] = {}  # group kind -> where the diagonal folds: "norm" | "producer" | ""
         self.v_factor: AffineFactor | None = None
         self.v_proj_name: str | None = None
+        self.k_factor = OrthogonalFactor(kv_rotation.shape[0], base=kv_rotation) if kv_rotation is not None else None
 
         skipped = {name for grp in block.groups for name in grp.linears if is_skipped(name, recipe)}
         attn = block.attention
@@ -370,11 +378,38 @@ class BlockFlat(nn.Module):
         """Swap the block's linears for their FlatLinear stand-ins for the duration of the context."""
         for key, fl in self.linears.items():
             set_module(model, self.names[key], fl)
+        quantizer = self._kv_quantizer()
+        hook = None
+        if quantizer is not None and self.k_factor is not None:
+            factor = self.k_factor
+
+            def set_rotation(mod: nn.Module, _args: tuple) -> None:
+                with _no_autocast(factor.skew.device):
+                    mod.rotation = factor.matrix()  # differentiable while training
+
+            hook = quantizer.register_forward_pre_hook(set_rotation)
         try:
             yield
         finally:
             for key, fl in self.linears.items():
                 set_module(model, self.names[key], fl.linear)
+            if hook is not None:
+                hook.remove()
+                quantizer.rotation = self.key_rotation()
+
+    def _kv_quantizer(self) -> nn.Module | None:
+        from quant.modules.kv_cache import CHILD_NAME
+
+        attn = self.info.attention
+        return None if attn is None else attn.module._modules.get(CHILD_NAME)
+
+    @torch.no_grad()
+    def key_rotation(self) -> torch.Tensor | None:
+        """The learned orthogonal head-dim rotation of queries and keys (float32), if any."""
+        if self.k_factor is None:
+            return None
+        with _no_autocast(self.k_factor.skew.device):
+            return self.k_factor.matrix(torch.float64).float()
 
     # ---------------------------------------------------------------- folding
     @torch.no_grad()
@@ -556,6 +591,7 @@ class FlatQuantMethod(QuantizationMethod):
             attach_kv_quantizer(model, adapter, recipe.kv_cache, rotate=rotate_kv)
         all_transforms: dict[str, KroneckerTransform] = {}
         all_clips: dict[str, float] = {}
+        self._key_rotations: dict[str, torch.Tensor | None] = {}
         block_share = 0.9 if use_gptq else 0.98
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
@@ -581,6 +617,7 @@ class FlatQuantMethod(QuantizationMethod):
                 progress=sub_progress(progress, block_share, 0.99),
             )
         finalize(model, adapter, recipe, rotate_kv=rotate_kv)
+        self._install_key_rotations(blocks)
         block_metrics = [l.metrics for l in report.layers if "loss_final" in l.metrics]
         if block_metrics:
             report.summary["loss_final_mean"] = sum(m["loss_final"] for m in block_metrics) / len(block_metrics)
@@ -590,6 +627,18 @@ class FlatQuantMethod(QuantizationMethod):
         model.quant_report = report
         progress(1.0, f"flatquant: {len(all_transforms)} linears quantized")
         return model
+
+    @torch.no_grad()
+    def _install_key_rotations(self, blocks: list[BlockInfo]) -> None:
+        """``finalize`` attaches fresh KV quantizers (Hadamard start): load the learned key rotations."""
+        from quant.modules.kv_cache import CHILD_NAME
+
+        for block in blocks:
+            rotation = self._key_rotations.get(block.name)
+            quantizer = block.attention.module._modules.get(CHILD_NAME) if block.attention is not None else None
+            current = getattr(quantizer, "rotation", None)
+            if rotation is not None and isinstance(current, torch.Tensor):
+                current.copy_(rotation.to(device=current.device, dtype=current.dtype))
 
     # ---------------------------------------------------------------- one block
     def _calibrate_block(
@@ -604,24 +653,30 @@ class FlatQuantMethod(QuantizationMethod):
         module = block.module
         ref = next(module.parameters())
         device, dtype0 = ref.device, ref.dtype
-        train_dtype = torch.float32
-        kwargs32 = [_cast_floats(_to_device(kw, device), train_dtype) for kw in streams.kwargs]
-        kwargs0 = [_to_device(kw, device) for kw in streams.kwargs]
+        # kwargs live on the block's device; float tensors in them (rotary tables, additive masks) are
+        # cast to the compute dtype per call (see ``_run`` / ``_train``), never stored twice
+        kwargs = [_to_device(kw, device) for kw in streams.kwargs]
         for p in module.parameters():
             p.requires_grad_(False)
         module.float()
 
         # 1) FP targets (no KV quantizer), collecting per-channel input maxima for the diag init
-        x_smax = self._fp_pass(model, block, streams, kwargs32, dtype0)
+        x_smax = self._fp_pass(model, block, streams, kwargs, dtype0)
 
         # 2) trainable state, training against the FP targets from the quantized stream
-        flat = BlockFlat(block, recipe, params, x_smax)
+        kv_rotation = None
+        if block.attention is not None:
+            from quant.modules.kv_cache import CHILD_NAME
+
+            quantizer = block.attention.module._modules.get(CHILD_NAME)
+            kv_rotation = getattr(quantizer, "rotation", None) if quantizer is not None else None
+        flat = BlockFlat(block, recipe, params, x_smax, kv_rotation=kv_rotation)
         amp = params.amp and device.type == "cuda"
         metrics: dict[str, float] = {}
         with flat.wrapped(model):
-            losses = self._train(flat, module, streams, kwargs32, params, device, amp)
+            losses = self._train(flat, module, streams, kwargs, params, device, amp)
             if use_gptq:  # the next block's inputs come from the fake-quantized block
-                streams.quant = self._run(module, streams.quant, kwargs32, dtype0)
+                streams.quant = self._run(module, streams.quant, kwargs, dtype0)
         if losses:
             metrics["loss_first_epoch"] = losses[0]
             metrics["loss_final"] = losses[-1]
@@ -632,18 +687,19 @@ class FlatQuantMethod(QuantizationMethod):
         # 3) fold, quantize, and feed the quantized block's outputs forward
         transforms = flat.install(model, quantize_now=not use_gptq)
         if not use_gptq:
-            quant_out = self._run(module, streams.quant, kwargs0, dtype0)
+            quant_out = self._run(module, streams.quant, kwargs, dtype0)
             metrics["loss_quantized"] = _mse(quant_out, streams.fp)
             streams.quant = quant_out
         else:
             metrics["loss_quantized"] = _mse(streams.quant, streams.fp)
         if "loss_final" not in metrics:
             metrics["loss_final"] = metrics["loss_quantized"]
+        self._key_rotations[block.name] = flat.key_rotation()
         return metrics, transforms, dict(flat.act_clips)
 
     @torch.no_grad()
     def _fp_pass(
-        self, model: nn.Module, block: BlockInfo, streams: _Streams, kwargs32: list[dict[str, Any]], dtype0: torch.dtype
+        self, model: nn.Module, block: BlockInfo, streams: _Streams, kwargs: list[dict[str, Any]], dtype0: torch.dtype
     ) -> dict[str, torch.Tensor]:
         smax: dict[str, torch.Tensor] = {}
         hooks = []
@@ -660,7 +716,7 @@ class FlatQuantMethod(QuantizationMethod):
             hooks.append(first.register_forward_pre_hook(hook))
         try:
             with _kv_quantizer_detached(block):
-                streams.fp = self._run(block.module, streams.fp, kwargs32, dtype0)
+                streams.fp = self._run(block.module, streams.fp, kwargs, dtype0)
         finally:
             for h in hooks:
                 h.remove()
@@ -671,19 +727,23 @@ class FlatQuantMethod(QuantizationMethod):
     def _run(
         module: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], out_dtype: torch.dtype
     ) -> list[torch.Tensor]:
-        dtype = next(module.parameters()).dtype
-        return [call_block(module, h.to(dtype), kw).to(out_dtype) for h, kw in zip(hidden, kwargs)]
+        ref = next(module.parameters())
+        return [
+            call_block(module, h.to(device=ref.device, dtype=ref.dtype), _cast_floats(kw, ref.dtype)).to(out_dtype)
+            for h, kw in zip(hidden, kwargs)
+        ]
 
     def _train(
         self,
         flat: BlockFlat,
         module: nn.Module,
         streams: _Streams,
-        kwargs32: list[dict[str, Any]],
+        kwargs: list[dict[str, Any]],
         params: FlatQuantParams,
         device: torch.device,
         amp: bool,
     ) -> list[float]:
+        """AdamW over the block's FlatQuant parameters (block in float32; bf16 autocast if ``amp``)."""
         groups = flat.param_groups(params.lr)
         if params.epochs == 0 or not groups:
             return []
@@ -698,10 +758,10 @@ class FlatQuantMethod(QuantizationMethod):
         with torch.enable_grad():
             for _ in range(params.epochs):
                 total_loss = 0.0
-                for h, kw, target in zip(streams.quant, kwargs32, targets):
+                for h, kw, target in zip(streams.quant, kwargs, targets):
                     with autocast:
-                        out = call_block(module, h.float(), kw)
-                    loss = F.mse_loss(out.float(), target.float())
+                        out = call_block(module, h.to(device=device, dtype=torch.float32), _cast_floats(kw, torch.float32))
+                    loss = F.mse_loss(out.float(), target.to(device=device, dtype=torch.float32))
                     value = float(loss.detach())
                     total_loss += value
                     optimizer.zero_grad(set_to_none=True)

@@ -130,12 +130,16 @@ def test_flatquant_beats_rtn_at_w4a4() -> None:
 
 
 def test_kv_cache_quantizer_and_artifact_roundtrip() -> None:
-    from quant.modules.kv_cache import KVQuantizer
+    from quant.modules.kv_cache import KVQuantizer, sylvester_hadamard
 
     fp = make_tiny_llama()
     q = get_method("flatquant").calibrate(copy.deepcopy(fp), make_calibration(), _recipe("flatquant-w4a4kv4", epochs=1))
     attn = q.model.layers[1].self_attn
     assert isinstance(attn.kv_quantizer, KVQuantizer) and attn.kv_quantizer.bits == 4
+    # the learned key rotation (Hadamard start) replaced the fresh quantizer's Hadamard and is orthogonal
+    rot = attn.kv_quantizer.rotation.double()
+    torch.testing.assert_close(rot @ rot.T, torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert not torch.allclose(rot, sylvester_hadamard(16, torch.float64), atol=1e-6)
     ids = make_calibration(num_samples=2, seq_len=24, seed=5).input_ids
     assert torch.isfinite(_logits(q, ids)).all()
     # a QuantLinear with a Kronecker transform rebuilds from config + state dict
