@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +39,10 @@ class ServableJob:
     base_model: str
     artifact_path: Path
     created: datetime
+    kind: Literal["causal", "encoder"] | None  # from the artifact manifest, when it says
+
+
+_KINDS: dict[str, Literal["causal", "encoder"]] = {"causal_lm": "causal", "encoder": "encoder"}
 
 
 def served_name(job: Job) -> str:
@@ -56,6 +61,7 @@ def _servable(job: Job) -> ServableJob:
         base_model=job.model_id,
         artifact_path=Path(job.artifact.path),
         created=job.finished_at or job.created_at,
+        kind=_KINDS.get(str((job.artifact.manifest or {}).get("model_kind", ""))),
     )
 
 

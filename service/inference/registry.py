@@ -24,7 +24,7 @@ from service.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
-ArtifactLoader = Callable[[Path, str], tuple[nn.Module, dict[str, Any]]]
+ArtifactLoader = Callable[[Path, str], tuple[nn.Module, Any]]  # (model, ArtifactManifest)
 
 
 class Tokenizer(Protocol):
@@ -36,14 +36,14 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int], **kwargs: Any) -> str: ...
 
 
-TokenizerLoader = Callable[[Path, dict[str, Any]], Tokenizer]
+TokenizerLoader = Callable[[Path, Any], Tokenizer]
 
 
 class ModelLoadError(RuntimeError):
     """The artifact could not be loaded (missing files, corrupt, unsupported architecture)."""
 
 
-def default_artifact_loader(folder: Path, device: str) -> tuple[nn.Module, dict[str, Any]]:
+def default_artifact_loader(folder: Path, device: str) -> tuple[nn.Module, Any]:
     from quant.artifacts import load_artifact
 
     return load_artifact(folder, device)
@@ -60,7 +60,7 @@ class ServedModelHandle:
     key: str
     model: nn.Module
     tokenizer: Tokenizer
-    manifest: dict[str, Any]
+    manifest: Any  # quant.artifacts.ArtifactManifest
     kind: Literal["causal", "encoder"]
     generation: GenerationEngine | None
     embedding: EmbeddingEngine | None
@@ -97,7 +97,7 @@ def eos_ids(model: nn.Module, tokenizer: Tokenizer) -> set[int]:
 
 
 def build_handle(
-    key: str, model: nn.Module, tokenizer: Tokenizer, manifest: dict[str, Any], settings: InferenceSettings
+    key: str, model: nn.Module, tokenizer: Tokenizer, manifest: Any, settings: InferenceSettings
 ) -> ServedModelHandle:
     model.eval()
     kind = model_kind(model)

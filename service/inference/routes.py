@@ -237,7 +237,7 @@ async def list_served_models(key: ApiKeyDep, request: Request) -> Any:
                 id=job.served_name,
                 job_id=job.job_id,
                 base_model=job.base_model,
-                kind=None if handle is None else handle.kind,
+                kind=job.kind if handle is None else handle.kind,
                 loaded=handle is not None,
                 created=int(job.created.timestamp()),
             )

@@ -125,7 +125,7 @@ class ServedModel(BaseModel):
     object: Literal["model"] = "model"
     job_id: str
     base_model: str
-    kind: Literal["causal", "encoder"] | None = Field(None, description="known once the artifact has been loaded")
+    kind: Literal["causal", "encoder"] | None = Field(None, description="causal: /v1/completions; encoder: /v1/embeddings")
     loaded: bool
     created: int
 

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-BASE_MODEL_KEYS = ("base_model", "base_model_id", "model_id")
+BASE_MODEL_KEYS = ("base_model_id", "base_model", "model_id")
 
 
-def base_model_id(manifest: dict[str, Any]) -> str | None:
+def base_model_id(manifest: Any) -> str | None:
+    """The base model id of an artifact manifest (``ArtifactManifest`` or its JSON as a dict)."""
+    data = manifest if isinstance(manifest, dict) else getattr(manifest, "__dict__", {})
     for key in BASE_MODEL_KEYS:
-        value = manifest.get(key)
+        value = data.get(key)
         if isinstance(value, str) and value:
             return value
     return None
@@ -21,12 +23,12 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(folder: Path, manifest: dict[str, Any], model_store: Path | None = None) -> Any:
+def load_tokenizer(folder: Path, manifest: Any, model_store: Path | None = None) -> Any:
     """The artifact folder's own tokenizer, else the base model's (model store folder or offline HF cache)."""
     from transformers import AutoTokenizer
 
     if has_tokenizer(folder):
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     model_id = base_model_id(manifest)
     if model_id is None:
         raise FileNotFoundError(f"no tokenizer in {folder} and the manifest names no base model")

@@ -36,11 +36,10 @@ def served(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from service.db.models import JobState
-    from tests.service.inference.helpers import add_job, add_key, interim_loader, make_app, save_model_artifact
+    from tests.service.inference.helpers import add_job, add_key, make_app, save_model_artifact
 
     tmp = tmp_path_factory.mktemp("served")
     seeded = make_app(tmp, inference={"max_batch_size": 8, "max_wait_ms": 30.0, "max_loaded_models": 4})
-    seeded.app.state.artifact_loader = interim_loader
     add_key(seeded, "alice")
     add_key(seeded, "bob")
     models = {}
@@ -56,3 +55,11 @@ def served(tmp_path_factory):
         seeded.client = client
         seeded.models = models
         yield seeded
+
+
+@pytest.fixture(scope="module")
+def qllama_kv4():
+    """RTN W4A8 plus 4-bit KV-cache quantization (the qaas attention function)."""
+    from tests.service.inference.helpers import RTN_RECIPE, quantized_llama_with
+
+    return quantized_llama_with({**RTN_RECIPE, "kv_cache": {"bits": 4}})

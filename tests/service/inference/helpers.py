@@ -60,6 +60,10 @@ def quantized_llama(seed: int = 0) -> torch.nn.Module:
     return quantize_rtn(_no_eos(make_tiny_llama(seed=seed)))
 
 
+def quantized_llama_with(recipe: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    return quantize_rtn(_no_eos(make_tiny_llama(seed=seed)), recipe)
+
+
 def quantized_opt(seed: int = 0) -> torch.nn.Module:
     return quantize_rtn(_no_eos(make_tiny_opt(seed=seed)))
 
@@ -165,7 +169,9 @@ def add_job(
         session.add(job)
         session.flush()
         if artifact is not None:
-            session.add(Artifact(job_id=job.id, path=str(artifact), sha256="0" * 64, size_bytes=1, manifest={}))
+            manifest = artifact_manifest(artifact) if (artifact / "manifest.json").is_file() else {}
+            session.add(Artifact(job_id=job.id, path=str(artifact), sha256=manifest.get("weights_sha256", "0" * 64),
+                                 size_bytes=int(manifest.get("size_bytes", 1)), manifest=manifest))
         for key, value in (metrics or {}).items():
             session.add(Metric(job_id=job.id, key=key, value=value))
         session.commit()
@@ -212,17 +218,20 @@ class LiveServer:
 
 
 # ------------------------------------------------------------------------------------ artifacts
-def save_model_artifact(kind: str, folder: Path, seed: int = 0) -> torch.nn.Module:
-    """Quantize a tiny random ``kind`` model with RTN and save it (and the char tokenizer) as an artifact."""
+def save_model_artifact(kind: str, folder: Path, seed: int = 0, base_model_id: str | None = None) -> torch.nn.Module:
+    """Quantize a tiny random ``kind`` model with RTN and save it with the char tokenizer as a real
+    artifact (quant.artifacts.save_artifact); returns the in-memory quantized model for reference."""
+    from quant.artifacts import ArtifactManifest, save_artifact
+    from quant.recipes.schema import Recipe
+
     model = BUILDERS[kind](seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    make_char_tokenizer().save_pretrained(str(folder))
-    _ARTIFACTS[str(folder)] = model
+    manifest = ArtifactManifest(base_model_id=base_model_id or f"qaas/tiny-{kind}", recipe=Recipe.model_validate(RTN_RECIPE))
+    save_artifact(model, folder, manifest, tokenizer=make_char_tokenizer())
     return model
 
 
-_ARTIFACTS: dict[str, torch.nn.Module] = {}
+def artifact_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest as the jobs API stores it on the Artifact row."""
+    from quant.artifacts import read_manifest
 
-
-def interim_loader(folder: Path, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    return _ARTIFACTS[str(folder)].to(device), {"base_model": "tiny"}
+    return read_manifest(folder).model_dump(mode="json")

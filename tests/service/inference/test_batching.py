@@ -13,7 +13,6 @@ from tests.service.inference.helpers import (
     LiveServer,
     add_job,
     add_key,
-    interim_loader,
     make_app,
     save_model_artifact,
 )
@@ -28,7 +27,6 @@ def batching_app(tmp_path_factory):
     the database still meet in one batch even on a loaded 2-core machine."""
     tmp = tmp_path_factory.mktemp("batching")
     seeded = make_app(tmp, inference={"max_batch_size": 16, "embedding_max_batch_size": 64, "max_wait_ms": 250.0})
-    seeded.app.state.artifact_loader = interim_loader
     add_key(seeded, "alice")
     for kind in ("opt", "bert"):
         seeded.models[kind] = save_model_artifact(kind, tmp / kind)

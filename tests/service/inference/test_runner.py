@@ -16,7 +16,7 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("arch", ["qllama", "qopt"])
+@pytest.mark.parametrize("arch", ["qllama", "qopt", "qllama_kv4"])
 def test_batched_steps_match_unbatched_forward(arch: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(arch)
     assert any(isinstance(m, QuantLinear) for m in model.modules())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from service.db.models import JobState
-from tests.service.inference.helpers import add_job, add_key, interim_loader, make_app, save_model_artifact
+from tests.service.inference.helpers import add_job, add_key, make_app, save_model_artifact
 
 
 def test_lists_only_the_keys_succeeded_jobs(served) -> None:
@@ -19,13 +19,15 @@ def test_lists_only_the_keys_succeeded_jobs(served) -> None:
     assert llama["id"] == "qaas/tiny-llama:w4a8" and llama["object"] == "model"
     assert llama["base_model"] == "qaas/tiny-llama"
     assert llama["loaded"] is True and llama["kind"] == "causal"
+    # not loaded yet: the kind comes from the artifact manifest stored with the job
+    assert (data[served.jobs["opt"]]["loaded"], data[served.jobs["opt"]]["kind"]) == (False, "causal")
+    assert (data[served.jobs["bert"]]["loaded"], data[served.jobs["bert"]]["kind"]) == (False, "encoder")
     bob = served.client.get("/v1/served-models", headers=served.headers("bob")).json()["data"]
     assert [m["job_id"] for m in bob] == [served.jobs["bob-llama"]]
 
 
 def test_loaded_models_are_lru_bounded(tmp_path) -> None:
     seeded = make_app(tmp_path, inference={"max_loaded_models": 2, "max_wait_ms": 0.0})
-    seeded.app.state.artifact_loader = interim_loader
     add_key(seeded, "alice")
     for kind in ("llama", "opt", "bert"):
         save_model_artifact(kind, tmp_path / kind)
@@ -46,3 +48,17 @@ def test_loaded_models_are_lru_bounded(tmp_path) -> None:
         use("opt")  # loads again, evicts llama
         assert registry().loaded_keys() == [seeded.jobs["bert"], seeded.jobs["opt"]]
         assert registry().loads == 4
+
+
+def test_tampered_artifact_is_a_clear_500(tmp_path) -> None:
+    seeded = make_app(tmp_path)
+    add_key(seeded, "alice")
+    save_model_artifact("llama", tmp_path / "llama")
+    add_job(seeded, "alice", "llama", "qaas/tiny-llama", JobState.succeeded, 100, artifact=tmp_path / "llama")
+    weights = tmp_path / "llama" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    with TestClient(seeded.app) as client:
+        r = client.post("/v1/completions", headers=seeded.headers("alice"),
+                        json={"model": seeded.jobs["llama"], "prompt": "hi", "max_tokens": 1})
+    assert r.status_code == 500
+    assert "cannot load artifact" in r.json()["error"]["message"] and "sha256" in r.json()["error"]["message"]
