@@ -24,8 +24,13 @@ applied, the smoothing diagonal is folded into the preceding norm (or into up_pr
 that is exact, and the linears are replaced by :class:`QuantLinear` with the
 :class:`KroneckerTransform` as their online input transform and the learned activation clip ratio. The
 quantized block's outputs are fed forward as the next block's inputs (the targets stay the FP model's).
-With KV-cache quantization the quantizer of :mod:`quant.modules.kv_cache` is attached from the start
-(so training sees it; keys get the head-dim Hadamard rotation, values the learned ``V`` basis).
+With KV-cache quantization the quantizer of :mod:`quant.modules.kv_cache` is attached from the start,
+so training sees it: values are quantized in the learned ``V`` basis, and queries/keys are rotated by
+a learned orthogonal head-dim matrix (the reference's K-cache transform, here restricted to rotations
+so that the quantizer's single ``rotation`` buffer serves both) that starts from the quantizer's Hadamard.
+
+Not in the loop: the reference's learnable KV-cache clipping (the recipe's fixed ``kv_cache.clip_ratio``
+is used).
 """
 
 from __future__ import annotations
@@ -40,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.calibration.capture import BlockInputs, call_block, capture_block_inputs
+from quant.calibration.capture import call_block, capture_block_inputs
 from quant.calibration.data import CalibrationData
 from quant.methods.base import MethodReport, ProgressCallback, QuantizationMethod, no_progress, register_method, sub_progress
 from quant.methods.common import build_quant_linear, finalize, is_skipped, quantize_linears
-from quant.models.adapters import BlockInfo, LinearGroup, ModelAdapter, get_adapter
+from quant.models.adapters import BlockInfo, LinearGroup, get_adapter
 from quant.modules.linear import set_module
 from quant.quantizers.core import fake_quantize
 from quant.quantizers.weight import group_size_for, quantize_weight_rtn
@@ -295,6 +300,7 @@ class BlockFlat(nn.Module):
         self.v_factor: AffineFactor | None = None
         self.v_proj_name: str | None = None
         self.k_factor = OrthogonalFactor(kv_rotation.shape[0], base=kv_rotation) if kv_rotation is not None else None
+        self.act_clips: dict[str, float] = {}  # learned activation clip ratios, filled by ``install``
 
         skipped = {name for grp in block.groups for name in grp.linears if is_skipped(name, recipe)}
         attn = block.attention
@@ -424,8 +430,7 @@ class BlockFlat(nn.Module):
         vt = self.v_factor.matrices(torch.float64)[0] if self.v_factor is not None else None
         folded: dict[str, tuple[torch.Tensor, torch.Tensor | None, KroneckerTransform, float | None]] = {}
         kind_of = {name: grp.kind for grp in self.info.groups for name in grp.linears}
-        online = {kind: t.online(fold_scale=self.fold_targets.get(kind) == "norm" or self.fold_targets.get(kind) == "producer")
-                  for kind, t in self.transforms.items()}
+        online = {kind: t.online(fold_scale=bool(self.fold_targets.get(kind))) for kind, t in self.transforms.items()}
         for key, fl in self.linears.items():
             name = self.names[key]
             kind = kind_of[name]
@@ -474,7 +479,7 @@ class BlockFlat(nn.Module):
         learned_wclip = any(fl.w_logit_max is not None for fl in self.linears.values())
         spec = recipe.weight.model_copy(update={"clip_search": False}) if learned_wclip else recipe.weight
         transforms: dict[str, KroneckerTransform] = {}
-        self.act_clips: dict[str, float] = {}
+        self.act_clips = {}
         for name, (w, _, online, clip) in folded.items():
             transform = _clone_transform(online)
             transforms[name] = transform
