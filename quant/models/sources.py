@@ -7,6 +7,8 @@ missing). Registrations live next to what they locate, e.g.::
     register_source("sentence-transformers/all-MiniLM-L6-v2", _locate_minilm_package)
 
 The model store (:mod:`quant.models.store`) consults these after the local store folder and the HF cache.
+Concrete registrations live in :data:`REGISTRATION_MODULE` (imported lazily on the first lookup, when it
+exists) or in any module imported before the lookup.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from typing import Callable
 Locator = Callable[[], "Path | None"]
 
 _SOURCES: dict[str, tuple[str, Locator]] = {}  # normalized id -> (id as registered, locator)
+
+#: the module holding the project's own registrations (packaged models, models trained in the repo)
+REGISTRATION_MODULE = "quant.models.known_sources"
+
+
+def _load_registrations() -> None:
+    import importlib
+
+    try:
+        importlib.import_module(REGISTRATION_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != REGISTRATION_MODULE:
+            raise
 
 
 def normalize_id(model_id: str) -> str:
@@ -38,11 +53,13 @@ def unregister_source(model_id: str) -> None:
 
 def registered_sources() -> list[str]:
     """Model IDs with a registered source, as they were registered."""
+    _load_registrations()
     return sorted(model_id for model_id, _ in _SOURCES.values())
 
 
 def locate_source(model_id: str) -> Path | None:
     """The folder a registered source provides for ``model_id`` (with a ``config.json``), else None."""
+    _load_registrations()
     entry = _SOURCES.get(normalize_id(model_id))
     if entry is None:
         return None
