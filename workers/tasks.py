@@ -17,6 +17,7 @@ from service.dispatch import QUANTIZE_TASK, REAP_TASK
 from service.jobs import reap
 from service.settings import Settings
 from workers.app import CeleryDispatcher, app
+from workers.pipeline_adapter import run_pipeline
 from workers.runner import ClaimOutcome, execute_job
 
 log = logging.getLogger("workers.tasks")
@@ -70,8 +71,6 @@ def _worker_name(task: Task) -> str:
 @app.task(bind=True, base=QaasTask, name=QUANTIZE_TASK, acks_late=True, reject_on_worker_lost=True,
           max_retries=None)
 def quantize_job(self: QaasTask, job_id: str) -> dict[str, Any]:
-    from workers.pipeline_adapter import run_pipeline
-
     settings = self.settings
     if settings.worker_threads:
         import torch
