@@ -22,7 +22,7 @@ transform).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -112,16 +112,14 @@ class _Accumulator:
 def sample_caps(
     channels: dict[str, int], sample_tokens: int, budget_bytes: int = DEFAULT_SAMPLE_BUDGET_BYTES
 ) -> dict[str, int]:
-    """Tokens sampled per target: ``sample_tokens`` unless the budget, shared evenly by the targets,
-    holds fewer (never below :data:`MIN_SAMPLE_TOKENS`, nor above ``sample_tokens``)."""
+    """Tokens sampled per target: the same count for every target, ``sample_tokens`` unless the
+    budget (float32 rows of all targets together) holds fewer; never below :data:`MIN_SAMPLE_TOKENS`
+    (nor above ``sample_tokens``)."""
     if sample_tokens <= 0 or not channels:
         return {k: 0 for k in channels}
-    per_target = budget_bytes // len(channels)
-    caps = {}
-    for key, c in channels.items():
-        fit = per_target // (4 * max(1, c))
-        caps[key] = min(sample_tokens, max(MIN_SAMPLE_TOKENS, fit))
-    return caps
+    fit = budget_bytes // (4 * max(1, sum(channels.values())))
+    n = min(sample_tokens, max(MIN_SAMPLE_TOKENS, fit))
+    return {k: n for k in channels}
 
 
 class _MaskState:
@@ -212,6 +210,58 @@ def collect_group_stats(
             if select is None or select(block, group):
                 targets[group_key(block, group)] = next(iter(group.linears.values()))
     return collect_input_stats(model, adapter, calibration, targets, sample_tokens, budget_bytes, seed, progress)
+
+
+def chunk_targets(channels: dict[str, int], sample_tokens: int, budget_bytes: int) -> list[list[str]]:
+    """Split targets (in order) into runs whose full samples (``sample_tokens`` x channels x 4 bytes)
+    fit the budget together; a target larger than the budget on its own gets a run of its own."""
+    chunks: list[list[str]] = []
+    used = 0
+    for key, c in channels.items():
+        need = sample_tokens * c * 4
+        if chunks and used + need <= budget_bytes:
+            chunks[-1].append(key)
+            used += need
+        else:
+            chunks.append([key])
+            used = need
+    return chunks
+
+
+def iter_group_stats(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    calibration: CalibrationData,
+    select: GroupFilter | None = None,
+    sample_tokens: int = 0,
+    budget_bytes: int = DEFAULT_SAMPLE_BUDGET_BYTES,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Iterator[dict[str, ChannelStats]]:
+    """Like :func:`collect_group_stats`, but when the full samples of all groups exceed the budget the
+    groups are split into consecutive runs, one calibration pass per run, yielded one at a time, so
+    every group gets ``sample_tokens`` tokens while at most one run's samples are held.
+
+    The caller may transform the model between runs: statistics of later groups are read from the
+    model as it is then, which is what a method folding FP-exact transforms wants.
+    """
+    targets: dict[str, nn.Module] = {}
+    for block in adapter.iter_blocks():
+        for group in block.groups:
+            if select is None or select(block, group):
+                targets[group_key(block, group)] = next(iter(group.linears.values()))
+    channels = {k: int(getattr(m, "in_features")) for k, m in targets.items()}
+    chunks = chunk_targets(channels, sample_tokens, budget_bytes) if sample_tokens > 0 else [list(targets)]
+    for i, chunk in enumerate(chunks):
+        if not chunk:
+            continue
+        sub = None
+        if progress is not None:
+            lo, hi = i / len(chunks), (i + 1) / len(chunks)
+            sub = lambda f, m, lo=lo, hi=hi: progress(lo + (hi - lo) * f, m)  # noqa: E731
+        yield collect_input_stats(
+            model, adapter, calibration, {k: targets[k] for k in chunk}, sample_tokens, budget_bytes, seed + i, sub
+        )
 
 
 def groups_of(kinds: Iterable[str]) -> GroupFilter:

@@ -99,12 +99,24 @@ class AffineFactor(nn.Module):
         self.u = OrthogonalFactor(n, generator)
         self.v = OrthogonalFactor(n, generator)
         self.s = nn.Parameter(torch.ones(n))
+        # within one block forward, linears sharing this factor reuse one computation (see BlockFlat.wrapped)
+        self.cache_enabled = False
+        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def clear_cache(self) -> None:
+        self._cached = None
 
     def matrices(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, P^{-T})``, computed outside autocast in ``dtype``."""
+        use_cache = self.cache_enabled and dtype == torch.float32
+        if use_cache and self._cached is not None:
+            return self._cached
         with _no_autocast(self.s.device):
             u, v, s = self.u.matrix(dtype), self.v.matrix(dtype), self.s.to(dtype)
-            return (u * s) @ v.transpose(0, 1), (u / s) @ v.transpose(0, 1)
+            out = (u * s) @ v.transpose(0, 1), (u / s) @ v.transpose(0, 1)
+        if use_cache:
+            self._cached = out
+        return out
 
 
 @dataclass
@@ -394,9 +406,26 @@ class BlockFlat(nn.Module):
                     mod.rotation = factor.matrix()  # differentiable while training
 
             hook = quantizer.register_forward_pre_hook(set_rotation)
+        factors = [m for m in self.modules() if isinstance(m, AffineFactor)]
+
+        def fresh_factors(*_args: Any) -> None:  # parameters change between forwards
+            for f in factors:
+                f.clear_cache()
+
+        for f in factors:
+            f.cache_enabled = True
+        block_hooks = [
+            self.info.module.register_forward_pre_hook(fresh_factors),
+            self.info.module.register_forward_hook(fresh_factors),
+        ]
         try:
             yield
         finally:
+            for h in block_hooks:
+                h.remove()
+            for f in factors:
+                f.cache_enabled = False
+                f.clear_cache()
             for key, fl in self.linears.items():
                 set_module(model, self.names[key], fl.linear)
             if hook is not None:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from quant.calibration.data import CalibrationData
-from quant.calibration.stats import ChannelStats, collect_group_stats, group_key
+from quant.calibration.stats import DEFAULT_SAMPLE_BUDGET_BYTES, ChannelStats, group_key, iter_group_stats
 from quant.methods.base import MethodReport, ProgressCallback, QuantizationMethod, no_progress, register_method, sub_progress
 from quant.methods.common import finalize, is_skipped, quantize_linears
 from quant.methods.scaling import RESIDUAL_OUTPUT_GROUP, MigrationTarget, migrate_group, migration_target
@@ -224,6 +224,7 @@ def apply_osplus(
     report: MethodReport | None = None,
     progress: ProgressCallback = no_progress,
     shift_policy: ShiftPolicy = "auto",
+    sample_budget_bytes: int = DEFAULT_SAMPLE_BUDGET_BYTES,
 ) -> list[GroupMigration]:
     """Compute and fold the OS+ shifts and scales into ``model`` (its FP function is unchanged)."""
     adapter = get_adapter(model)
@@ -232,39 +233,43 @@ def apply_osplus(
         t = migration_target(adapter, block, group)
         return (params.shift and t.can_shift) or (params.scale and t.can_scale)
 
-    stats = collect_group_stats(
+    blocks = adapter.iter_blocks()
+    entries = [(block, group) for block in blocks for group in block.groups]
+    metrics: dict[str, dict[str, float]] = {}
+    done: list[GroupMigration] = []
+    # one calibration pass per run of groups whose token samples fit the memory budget together
+    for stats in iter_group_stats(
         model,
         adapter,
         calibration,
         select=wanted,
         sample_tokens=params.search_tokens,
+        budget_bytes=sample_budget_bytes,
         seed=recipe.calibration.seed,
         progress=sub_progress(progress, 0.0, 0.4),
-    )
-    blocks = adapter.iter_blocks()
-    done: list[GroupMigration] = []
-    for bi, block in enumerate(blocks):
-        for group in block.groups:
+    ):
+        for block, group in entries:
             key = group_key(block, group)
+            if key not in stats:
+                continue
             target = migration_target(adapter, block, group)
             if target.can_shift and not shift_keeps_layout(block, group, recipe):
                 target = replace(target, can_shift=False, reason="bias-free linear kept in floating point")
-            if key not in stats:
-                if report is not None:
-                    report.add(key, migrated=0.0)
-                continue
             weights = [lin.weight.detach() for lin in group.linears.values()]
             plan = plan_group(stats[key], target, weights, params, recipe, shift_policy)
             scale = None if plan.search is None else plan.search.scale
             migrate_group(model, adapter, block, group, scale, plan.shift)
             done.append(GroupMigration(key, target, plan))
-            if report is not None:
-                _report_group(report, key, stats[key], plan)
-        progress(0.4 + 0.6 * (bi + 1) / max(1, len(blocks)), f"osplus: migrated block {bi}")
+            metrics[key] = _group_metrics(stats[key], plan)
+            progress(0.4 + 0.6 * len(metrics) / max(1, len(entries)), f"osplus: migrated {key}")
+    if report is not None:
+        for block, group in entries:
+            key = group_key(block, group)
+            report.add(key, **metrics.get(key, {"migrated": 0.0}))
     return done
 
 
-def _report_group(report: MethodReport, key: str, stats: ChannelStats, plan: GroupPlan) -> None:
+def _group_metrics(stats: ChannelStats, plan: GroupPlan) -> dict[str, float]:
     metrics: dict[str, float] = {
         "migrated": 1.0,
         "act_absmax_before": float(stats.absmax.max()),
@@ -287,7 +292,7 @@ def _report_group(report: MethodReport, key: str, stats: ChannelStats, plan: Gro
             scaled_channels=float((search.scale > 1.0).sum()),
         )
     metrics["act_absmax_after"] = float(r.max())
-    report.add(key, **metrics)
+    return metrics
 
 
 @register_method

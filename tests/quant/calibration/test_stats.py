@@ -11,10 +11,12 @@ from quant.calibration.data import CalibrationData
 from quant.calibration.stats import (
     MIN_SAMPLE_TOKENS,
     ChannelStats,
+    chunk_targets,
     collect_group_stats,
     collect_input_stats,
     group_key,
     groups_of,
+    iter_group_stats,
     sample_caps,
 )
 from quant.models.adapters import get_adapter
@@ -116,8 +118,7 @@ def test_sample_is_capped_uniform_and_made_of_real_tokens() -> None:
 
 def test_sample_budget_bounds_memory() -> None:
     caps = sample_caps({"a": 64, "b": 128}, sample_tokens=10_000, budget_bytes=64 * 1024)
-    # 32 KiB each: 128 tokens of 64 float32 channels, 64 tokens of 128 channels
-    assert caps == {"a": 128, "b": 64}
+    assert caps == {"a": 85, "b": 85}  # 64 KiB / (4 bytes x 192 channels)
     assert sum(caps[k] * c * 4 for k, c in {"a": 64, "b": 128}.items()) <= 64 * 1024
     assert sample_caps({"a": 64}, sample_tokens=100, budget_bytes=1 << 30) == {"a": 100}
     assert sample_caps({"a": 64}, sample_tokens=100, budget_bytes=10) == {"a": MIN_SAMPLE_TOKENS}
@@ -125,13 +126,31 @@ def test_sample_budget_bounds_memory() -> None:
 
     model = make_tiny_llama()
     adapter = get_adapter(model)
-    budget = 8 * 20 * 64 * 4  # 8 groups of 64 channels would get 20 tokens each; mlp_out (128 ch.) 10
+    budget = 20 * (6 * 64 + 2 * 128) * 4  # 20 tokens of every group's input
     stats = collect_group_stats(model, adapter, make_calibration(), sample_tokens=500, budget_bytes=budget)
-    for key, s in stats.items():
-        expected = max(MIN_SAMPLE_TOKENS, (budget // len(stats)) // (4 * s.channels))
-        assert s.sample.shape[0] == expected
-    total = sum(s.sample.numel() * 4 for s in stats.values() if s.channels == 64)
-    assert total <= budget
+    assert all(s.sample.shape[0] == 20 for s in stats.values())
+    assert sum(s.sample.numel() * 4 for s in stats.values()) <= budget
+
+
+def test_chunked_passes_give_every_group_full_samples_within_budget() -> None:
+    channels = {"a": 64, "b": 64, "c": 128, "d": 64}
+    assert chunk_targets(channels, sample_tokens=10, budget_bytes=10 * 128 * 4) == [["a", "b"], ["c"], ["d"]]
+    assert chunk_targets(channels, sample_tokens=10, budget_bytes=1) == [["a"], ["b"], ["c"], ["d"]]
+
+    model = make_tiny_opt()
+    adapter = get_adapter(model)
+    calibration = make_calibration()
+    budget = 100 * 64 * 4 * 2  # full samples of two 64-channel groups at a time
+    runs = list(iter_group_stats(model, adapter, calibration, sample_tokens=100, budget_bytes=budget))
+    # per block: [attn_in, attn_out] (64 + 64), [mlp_in] (64; mlp_out would overflow), [mlp_out] (128)
+    assert [len(r) for r in runs] == [2, 1, 1, 2, 1, 1]
+    merged = {k: v for run in runs for k, v in run.items()}
+    full = collect_group_stats(model, adapter, calibration)
+    assert set(merged) == set(full)
+    for key, s in merged.items():
+        assert s.sample.shape[0] == 100
+        torch.testing.assert_close(s.max, full[key].max, rtol=0, atol=0)
+        torch.testing.assert_close(s.min, full[key].min, rtol=0, atol=0)
 
 
 def test_select_filter_and_groups_of() -> None:

@@ -224,3 +224,15 @@ def test_no_shift_into_bias_free_linears_kept_in_floating_point() -> None:
     install_modules(fresh, record_modules(model))
     fresh.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(_out(fresh, ids), _out(model, ids), rtol=0, atol=0)
+
+
+def test_small_sample_budget_runs_several_passes_and_stays_exact() -> None:
+    model = make_tiny_opt()
+    ids = make_calibration(num_samples=2, seq_len=16, seed=9).input_ids
+    ref = _out(model, ids)
+    recipe = _recipe(4, search_tokens=64)
+    budget = 64 * 64 * 4  # one group's full sample at a time
+    migrations = apply_osplus(model, make_calibration(), recipe.method, recipe, sample_budget_bytes=budget)
+    assert len(migrations) == 6  # (attn_in, attn_out, mlp_in) x 2 blocks, one pass each
+    assert all(m.plan.search is not None for m in migrations)
+    assert float((_out(model, ids) - ref).norm() / ref.norm()) < 1e-4
