@@ -1,9 +1,9 @@
 """Loaded quantized models, cached with an LRU bound, each with its batching engine.
 
-``ModelRegistry.get(key, folder)`` loads an artifact once (in a worker thread, one load per key at
-a time), wraps it in a :class:`ServedModelHandle` (model, tokenizer, manifest, kind, engine) and
-keeps at most ``capacity`` of them; the least recently used one is evicted and its engine closed
-(it finishes the sequences it holds first).
+``async with ModelRegistry.lease(key, folder) as handle`` loads an artifact once (in a worker thread,
+one load per key at a time), wraps it in a :class:`ServedModelHandle` (model, tokenizer, manifest,
+kind, engine) and keeps at most ``max_loaded_models`` of them; the least recently used one is
+evicted, and its engine closed once no request holds it any more (it finishes its sequences first).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -64,6 +66,8 @@ class ServedModelHandle:
     kind: Literal["causal", "encoder"]
     generation: GenerationEngine | None
     embedding: EmbeddingEngine | None
+    leases: int = 0  # requests using it now; an evicted handle closes when the last one ends
+    evicted: bool = False
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -150,15 +154,28 @@ class ModelRegistry:
     def peek(self, key: str) -> ServedModelHandle | None:
         return self._models.get(key)
 
-    async def get(self, key: str, folder: Path) -> ServedModelHandle:
-        """The loaded model for ``key`` (loading ``folder`` if needed); marks it most recently used."""
+    @asynccontextmanager
+    async def lease(self, key: str, folder: Path) -> AsyncIterator[ServedModelHandle]:
+        """The loaded model for ``key`` (loading ``folder`` if needed), held for the request's duration:
+        an LRU eviction meanwhile takes it out of the cache but closes it only after the last lease."""
+        handle = await self._acquire(key, folder)
+        try:
+            yield handle
+        finally:
+            handle.leases -= 1
+            if handle.evicted and handle.leases == 0:
+                await asyncio.to_thread(handle.close)
+
+    async def _acquire(self, key: str, folder: Path) -> ServedModelHandle:
         handle = self._models.get(key)
         if handle is not None:
             self._models.move_to_end(key)
+            handle.leases += 1
             return handle
         pending = self._loading.get(key)
         if pending is not None:
-            return await asyncio.shield(pending)
+            await asyncio.shield(pending)
+            return await self._acquire(key, folder)  # loaded (or evicted again: then reload)
         fut: asyncio.Future[ServedModelHandle] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
@@ -170,6 +187,7 @@ class ModelRegistry:
         finally:
             self._loading.pop(key, None)
         self._models[key] = handle
+        handle.leases += 1  # before any await: the new handle cannot be closed under this request
         self.loads += 1
         fut.set_result(handle)
         await self._evict()
@@ -186,12 +204,16 @@ class ModelRegistry:
     async def _evict(self) -> None:
         while len(self._models) > self.settings.max_loaded_models:
             key, handle = self._models.popitem(last=False)
+            handle.evicted = True
             self.evictions += 1
-            log.info("evicting served model %s", key)
-            await asyncio.to_thread(handle.close)
+            log.info("evicting served model %s (%d requests still using it)", key, handle.leases)
+            if handle.leases == 0:
+                await asyncio.to_thread(handle.close)
 
     async def close(self) -> None:
         handles = list(self._models.values())
         self._models.clear()
+        for handle in handles:
+            handle.evicted = True
         for handle in handles:
             await asyncio.to_thread(handle.close)

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -72,7 +72,9 @@ def get_registry(request: Request) -> ModelRegistry:
     return registry
 
 
-async def _serve(request: Request, api_key_id: int, name: str) -> ServedModelHandle:
+@asynccontextmanager
+async def _serve(request: Request, api_key_id: int, name: str) -> AsyncIterator[ServedModelHandle]:
+    """The loaded model ``name`` names for this key, leased for the request (404 / 409 / 500)."""
     factory = request.app.state.session_factory
     try:
         job = await asyncio.to_thread(resolve_job, factory, api_key_id, name)
@@ -80,10 +82,12 @@ async def _serve(request: Request, api_key_id: int, name: str) -> ServedModelHan
         raise ApiError(404, str(exc)) from exc
     except JobNotReady as exc:
         raise ApiError(409, str(exc)) from exc
-    try:
-        return await get_registry(request).get(job.job_id, job.artifact_path)
-    except ModelLoadError as exc:
-        raise ApiError(500, str(exc)) from exc
+    async with AsyncExitStack() as stack:
+        try:
+            handle = await stack.enter_async_context(get_registry(request).lease(job.job_id, job.artifact_path))
+        except ModelLoadError as exc:
+            raise ApiError(500, str(exc)) from exc
+        yield handle
 
 
 def _encode_all(handle: ServedModelHandle, texts: list[str], field: str) -> list[list[int]]:
@@ -102,21 +106,31 @@ def _encode_all(handle: ServedModelHandle, texts: list[str], field: str) -> list
 # ---------------------------------------------------------------------------- completions
 @router.post("/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, key: ApiKeyDep, request: Request) -> Any:
-    handle = await _serve(request, key.id, body.model)
-    if handle.generation is None:
-        raise ApiError(400, f"model {body.model!r} is an encoder; use /v1/embeddings")
-    prompts = _encode_all(handle, body.prompts, "prompt")
-    params = SamplingParams(
-        max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops, seed=body.seed
-    )
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
-        events = _stream_events(handle, prompts, params, completion_id, created, body.model)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    stack = AsyncExitStack()
+    handle = await stack.enter_async_context(_serve(request, key.id, body.model))
+    handed_to_stream = False
+    try:
+        if handle.generation is None:
+            raise ApiError(400, f"model {body.model!r} is an encoder; use /v1/embeddings")
+        prompts = _encode_all(handle, body.prompts, "prompt")
+        params = SamplingParams(
+            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops,
+            seed=body.seed,
         )
-    finals = await asyncio.gather(*(_run_to_end(handle, p, params) for p in prompts))
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            events = _stream_events(handle, prompts, params, completion_id, created, body.model, stack)
+            handed_to_stream = True  # the stream releases the model lease when it ends
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        finals = await asyncio.gather(*(_run_to_end(handle, p, params) for p in prompts))
+    finally:
+        if not handed_to_stream:
+            await stack.aclose()
     choices = [CompletionChoice(index=i, text=f.text, finish_reason=f.reason) for i, f in enumerate(finals)]
     prompt_tokens = sum(f.prompt_tokens for f in finals)
     completion_tokens = sum(f.completion_tokens for f in finals)
@@ -155,6 +169,7 @@ async def _stream_events(
     completion_id: str,
     created: int,
     model: str,
+    lease: AsyncExitStack,
 ) -> AsyncIterator[str]:
     """OpenAI chunk stream: one chunk per text delta (per prompt index), a final chunk per prompt with
     its finish_reason, a usage chunk, then ``data: [DONE]``."""
@@ -198,19 +213,20 @@ async def _stream_events(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await lease.aclose()
 
 
 # ---------------------------------------------------------------------------- embeddings
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, key: ApiKeyDep, request: Request) -> Any:
-    handle = await _serve(request, key.id, body.model)
-    if handle.embedding is None:
-        raise ApiError(400, f"model {body.model!r} is a causal LM; embeddings are served for encoder models")
-    inputs = _encode_all(handle, body.inputs, "input")
-    try:
-        vectors = await handle.embedding.embed(inputs)
-    except RuntimeError as exc:
-        raise ApiError(500, f"embedding failed: {exc}") from exc
+    async with _serve(request, key.id, body.model) as handle:
+        if handle.embedding is None:
+            raise ApiError(400, f"model {body.model!r} is a causal LM; embeddings are served for encoder models")
+        inputs = _encode_all(handle, body.inputs, "input")
+        try:
+            vectors = await handle.embedding.embed(inputs)
+        except RuntimeError as exc:
+            raise ApiError(500, f"embedding failed: {exc}") from exc
     data = [EmbeddingData(index=i, embedding=_format(v, body.encoding_format)) for i, v in enumerate(vectors)]
     tokens = sum(len(x) for x in inputs)
     return EmbeddingResponse(

@@ -28,12 +28,23 @@ from transformers import DynamicCache
 
 @dataclass
 class KVBatch:
-    """The running batch: per-layer keys/values [B, H, T, D] left-padded, mask [B, T], last tokens [B]."""
+    """The running batch: its KV cache (per layer [B, H, T, D], left-padded), mask [B, T], last tokens [B].
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    The cache object is kept between decode steps (the model appends to it in place); it is rebuilt
+    only when rows join (merge) or leave (select).
+    """
+
+    cache: DynamicCache
     mask: torch.Tensor
     last_tokens: torch.Tensor
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return _cache_tensors(self.cache)[0]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return _cache_tensors(self.cache)[1]
 
     @property
     def size(self) -> int:
@@ -102,9 +113,7 @@ class DecoderRunner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, DynamicCache())
-        keys, values = _cache_tensors(cache)
-        batch = KVBatch(keys=list(keys), values=list(values), mask=mask, last_tokens=ids[:, -1].clone())
-        return batch, logits
+        return KVBatch(cache=cache, mask=mask, last_tokens=ids[:, -1].clone()), logits
 
     @torch.inference_mode()
     def decode(self, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
@@ -112,9 +121,8 @@ class DecoderRunner:
         new = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         positions = batch.mask.sum(dim=1, keepdim=True)  # real tokens so far = the new token's position
         mask = torch.cat([batch.mask, torch.ones_like(new)], dim=1)
-        logits, cache = self._forward(new, mask, positions, _build_cache(batch.keys, batch.values))
-        keys, values = _cache_tensors(cache)
-        batch.keys, batch.values, batch.mask, batch.last_tokens = list(keys), list(values), mask, new.squeeze(1)
+        logits, cache = self._forward(new, mask, positions, batch.cache)
+        batch.cache, batch.mask, batch.last_tokens = cache, mask, new.squeeze(1)
         return logits
 
     @staticmethod
@@ -126,7 +134,7 @@ class DecoderRunner:
         keys = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.keys, b.keys)]
         values = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.values, b.values)]
         mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
-        return KVBatch(keys, values, mask, torch.cat([a.last_tokens, b.last_tokens]))
+        return KVBatch(_build_cache(keys, values), mask, torch.cat([a.last_tokens, b.last_tokens]))
 
     @staticmethod
     def select(batch: KVBatch, rows: list[int]) -> KVBatch | None:
@@ -139,7 +147,7 @@ class DecoderRunner:
         start = int(used[0].item()) if used.numel() else 0
         keys = [k.index_select(0, idx)[:, :, start:] for k in batch.keys]
         values = [v.index_select(0, idx)[:, :, start:] for v in batch.values]
-        return KVBatch(keys, values, mask[:, start:], batch.last_tokens.index_select(0, idx))
+        return KVBatch(_build_cache(keys, values), mask[:, start:], batch.last_tokens.index_select(0, idx))
 
     def row_lengths(self, batch: KVBatch) -> list[int]:
         return batch.mask.sum(dim=1).tolist()

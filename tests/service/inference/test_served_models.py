@@ -62,3 +62,27 @@ def test_tampered_artifact_is_a_clear_500(tmp_path) -> None:
                         json={"model": seeded.jobs["llama"], "prompt": "hi", "max_tokens": 1})
     assert r.status_code == 500
     assert "cannot load artifact" in r.json()["error"]["message"] and "sha256" in r.json()["error"]["message"]
+
+
+def test_evicted_model_closes_only_after_its_last_request(tmp_path) -> None:
+    import asyncio
+
+    from service.inference.registry import ModelRegistry, default_artifact_loader
+    from service.inference.settings import InferenceSettings
+    from service.inference.tokenizers import load_tokenizer
+
+    for kind in ("llama", "opt"):
+        save_model_artifact(kind, tmp_path / kind)
+    registry = ModelRegistry(InferenceSettings(device="cpu", max_loaded_models=1), default_artifact_loader,
+                             load_tokenizer)
+
+    async def scenario() -> None:
+        async with registry.lease("llama", tmp_path / "llama") as llama:
+            async with registry.lease("opt", tmp_path / "opt"):
+                assert registry.loaded_keys() == ["opt"] and llama.evicted
+                assert not llama.generation.closed  # still serving the request that holds it
+            assert not llama.generation.closed
+        assert llama.generation.closed  # last lease gone
+        await registry.close()
+
+    asyncio.run(scenario())
