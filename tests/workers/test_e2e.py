@@ -35,14 +35,14 @@ FAST_RECIPE: dict[str, Any] = {
     "calibration": SMALL,
     "evaluation": {"num_samples": 4, "seq_len": 32},
 }
-# long enough to be killed mid-run: block-wise GPTQ over a few more calibration sequences
+# a few seconds of GPTQ: long enough to be cancelled or killed while running
 SLOW_RECIPE: dict[str, Any] = {
     "name": "e2e-gptq",
     "method": {"name": "gptq"},
     "weight": {"bits": 4, "algorithm": "gptq"},
     "activation": {"bits": 8},
-    "calibration": {"num_samples": 16, "seq_len": 64, "batch_size": 4},
-    "evaluation": {"num_samples": 8, "seq_len": 64},
+    "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4},
+    "evaluation": {"num_samples": 4, "seq_len": 32},
 }
 
 
@@ -100,15 +100,28 @@ def api(stack_settings: Settings, worker_redis) -> Iterator[tuple[TestClient, di
     worker_redis.delete("cpu", "gpu")
 
 
+def _start(settings: Settings, folder: Path, name: str) -> WorkerProcess:
+    return WorkerProcess(_env(settings), queues="cpu", concurrency=1, log_path=folder / f"{name}.log",
+                         name=f"{name}-{uuid.uuid4().hex[:6]}@%h")
+
+
+@pytest.fixture(scope="module")
+def shared_worker(stack_settings: Settings, api, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One worker (prefork, one pool process) for the tests that keep their worker alive."""
+    worker = _start(stack_settings, tmp_path_factory.mktemp("worker_logs"), "shared")
+    yield worker
+    worker.stop()
+
+
 @pytest.fixture
 def start_worker(stack_settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Private workers, for the test that kills a whole worker. It runs first in this module, before
+    the shared worker exists (which would otherwise compete for its job and fail its assertions)."""
     started: list[WorkerProcess] = []
 
     def start(name: str) -> WorkerProcess:
-        w = WorkerProcess(_env(stack_settings), queues="cpu", concurrency=1, log_path=tmp_path / f"{name}.log",
-                          name=f"{name}-{uuid.uuid4().hex[:6]}@%h")
-        started.append(w)
-        return w
+        started.append(_start(stack_settings, tmp_path, name))
+        return started[-1]
 
     yield start
     for w in started:
@@ -140,40 +153,6 @@ def _wait_terminal(client: TestClient, auth: dict[str, str], job_id: str, worker
         raise AssertionError(f"{_job(client, auth, job_id)}\n{worker.log_tail()}") from None
 
 
-def test_job_runs_to_success_with_metrics_and_artifact(api, start_worker) -> None:  # type: ignore[no-untyped-def]
-    client, auth = api
-    worker = start_worker("ok")
-    job_id = _submit(client, auth, FAST_RECIPE)
-    job = _wait_terminal(client, auth, job_id, worker)
-    assert job["state"] == "succeeded", (job["error"], worker.log_tail())
-    assert job["progress"] == 100 and job["attempts"] == 1 and job["error"] is None
-
-    metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=auth).json()["metrics"]
-    assert metrics and all(isinstance(v, (float, str)) or v is None for v in metrics.values())
-    numeric = [v for v in metrics.values() if isinstance(v, float)]
-    assert numeric and all(v == v for v in numeric)  # no NaN
-
-    r = client.get(f"/v1/jobs/{job_id}/artifact", headers=auth)
-    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
-    assert int(r.headers["content-length"]) == len(r.content)
-    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
-        names = {Path(n).name for n in tar.getnames()}
-    assert {"model.safetensors", "manifest.json"} <= names
-    assert r.headers["x-artifact-sha256"] == job["artifact"]["sha256"]
-
-
-def test_cancel_while_running(api, start_worker) -> None:  # type: ignore[no-untyped-def]
-    client, auth = api
-    worker = start_worker("cancel")
-    job_id = _submit(client, auth, SLOW_RECIPE)
-    wait_for(lambda: _job(client, auth, job_id)["state"] == "running", timeout=120, what="running")
-    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).json()["state"] == "cancelled"
-    time.sleep(3)  # the worker notices at its next progress write and stops without overwriting
-    job = _job(client, auth, job_id)
-    assert job["state"] == "cancelled" and job["artifact"] is None
-    assert worker.alive()
-
-
 def _running_with_progress(client: TestClient, auth: dict[str, str], job_id: str) -> dict[str, Any] | None:
     job = _job(client, auth, job_id)
     assert job["state"] in ("queued", "running"), job
@@ -198,9 +177,43 @@ def test_sigkill_of_the_whole_worker_requeues_and_finishes(api, start_worker, st
     assert client.get(f"/v1/jobs/{job_id}/artifact", headers=auth).status_code == 200
 
 
-def test_sigkill_of_the_pool_process_is_redelivered(api, start_worker) -> None:  # type: ignore[no-untyped-def]
+def test_job_runs_to_success_with_metrics_and_artifact(api, shared_worker) -> None:  # type: ignore[no-untyped-def]
     client, auth = api
-    worker = start_worker("pool")
+    worker = shared_worker
+    job_id = _submit(client, auth, FAST_RECIPE)
+    job = _wait_terminal(client, auth, job_id, worker)
+    assert job["state"] == "succeeded", (job["error"], worker.log_tail())
+    assert job["progress"] == 100 and job["attempts"] == 1 and job["error"] is None
+
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=auth).json()["metrics"]
+    assert metrics and all(isinstance(v, (float, str)) or v is None for v in metrics.values())
+    numeric = [v for v in metrics.values() if isinstance(v, float)]
+    assert numeric and all(v == v for v in numeric)  # no NaN
+
+    r = client.get(f"/v1/jobs/{job_id}/artifact", headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    assert int(r.headers["content-length"]) == len(r.content)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"model.safetensors", "manifest.json"} <= names
+    assert r.headers["x-artifact-sha256"] == job["artifact"]["sha256"]
+
+
+def test_cancel_while_running(api, shared_worker) -> None:  # type: ignore[no-untyped-def]
+    client, auth = api
+    worker = shared_worker
+    job_id = _submit(client, auth, SLOW_RECIPE)
+    wait_for(lambda: _job(client, auth, job_id)["state"] == "running", timeout=120, what="running")
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).json()["state"] == "cancelled"
+    time.sleep(3)  # the worker notices at its next progress write and stops without overwriting
+    job = _job(client, auth, job_id)
+    assert job["state"] == "cancelled" and job["artifact"] is None
+    assert worker.alive()
+
+
+def test_sigkill_of_the_pool_process_is_redelivered(api, shared_worker) -> None:  # type: ignore[no-untyped-def]
+    client, auth = api
+    worker = shared_worker
     job_id = _submit(client, auth, SLOW_RECIPE)
     job = wait_for(lambda: _running_with_progress(client, auth, job_id), timeout=180, interval=0.1,
                    what="the job to be running")
