@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings()
+    if settings.is_sqlite and ":memory:" not in settings.database_url:  # subprocesses run from the repo root
+        db_path = Path(settings.database_url.split(":///", 1)[1]).resolve()
+        settings = settings.model_copy(update={"database_url": f"sqlite:///{db_path}"})
+    settings = settings.model_copy(update={"artifact_dir": Path(settings.artifact_dir).resolve(),
+                                           "model_store": Path(settings.model_store).resolve()})
     settings.ensure_dirs()
     var = Path("var").resolve()
     var.mkdir(exist_ok=True)
@@ -90,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {k: v for k, v in os.environ.items()}
     env.update(QAAS_DATABASE_URL=settings.database_url, QAAS_REDIS_URL=settings.redis_url,
-               QAAS_ARTIFACT_DIR=str(Path(settings.artifact_dir).resolve()),
-               QAAS_MODEL_STORE=str(Path(settings.model_store).resolve()),
+               QAAS_ARTIFACT_DIR=str(settings.artifact_dir), QAAS_MODEL_STORE=str(settings.model_store),
                PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     port = _free_port()
     api_log, worker_log = var / "demo-api.log", var / "demo-worker.log"
