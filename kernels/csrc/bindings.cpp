@@ -1,0 +1,25 @@
+// Python bindings of the qaas CUDA kernels. The functions are registered as the CUDA kernels of the
+// `qaas::*` custom ops by kernels/ops.py (the schemas and CPU reference kernels live there).
+#include <torch/extension.h>
+
+namespace qaas {
+std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t bits, const at::Tensor& clip,
+                                                  int64_t mode, int64_t hb, const c10::optional<at::Tensor>& p1,
+                                                  const c10::optional<at::Tensor>& p2);
+at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero,
+                           int64_t group_size, const c10::optional<at::Tensor>& bias);
+at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size);
+at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor& a_scale, const at::Tensor& w,
+                          int64_t w_bits, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias);
+at::Tensor scale_epilogue_cuda(const at::Tensor& acc, const at::Tensor& a_scale, const at::Tensor& w_scale,
+                               const c10::optional<at::Tensor>& bias);
+}  // namespace qaas
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qaas CUDA kernels (sm_90a)";
+  m.def("act_quant", &qaas::act_quant_cuda, "fused online transform + per-token symmetric activation quantisation");
+  m.def("w4a16_gemm", &qaas::w4a16_gemm_cuda, "int4 weight x fp16 activation GEMV (<= 16 rows)");
+  m.def("dequant_w4", &qaas::dequant_w4_cuda, "int4 weight -> fp16 dequantisation");
+  m.def("int8_gemm", &qaas::int8_gemm_cuda, "int8 tensor-core GEMM with scale epilogue (int8/int4 operands)");
+  m.def("scale_epilogue", &qaas::scale_epilogue_cuda, "int32 accumulator -> fp16 scale epilogue (int_mm baseline)");
+}

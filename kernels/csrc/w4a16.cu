@@ -1,0 +1,204 @@
+// W4A16: int4 weights (two per byte, per-group scale and zero, float32) x fp16 activations.
+//
+// Decode path (1..16 tokens): a memory-bound GEMV. Each warp owns kRows output rows; each lane streams
+// 16-byte chunks (32 weights, always inside one group since group_size % 32 == 0) with several chunks
+// in flight, dequantises exactly in fp32 ((u - z) via the 2**23 magic-number trick, no int->float
+// conversion instruction), dots with the activations in fp32 and applies the group scale once per chunk.
+// Prefill path: a dequantisation kernel to fp16 followed by cuBLAS (in Python).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "common.cuh"
+
+namespace qaas {
+namespace {
+
+constexpr int kGemvThreads = 256;
+constexpr int kRows = 2;    // output rows per warp
+constexpr int kUnroll = 2;  // chunks per lane in flight per row
+
+__device__ __forceinline__ float nib_minus_zero(uint32_t w, int shift, float magic_z) {
+  // float with bits 0x4B000000 | u is exactly 2**23 + u; subtracting (2**23 + z) gives u - z exactly.
+  return __int_as_float(((w >> shift) & 0xFu) | 0x4B000000u) - magic_z;
+}
+
+template <int NB>
+__global__ void __launch_bounds__(kGemvThreads) w4a16_gemv_kernel(
+    const half* __restrict__ x, const uint8_t* __restrict__ qw, const float* __restrict__ scale,
+    const float* __restrict__ zero, const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K,
+    int group_size) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * (kGemvThreads / 32) + warp) * kRows;
+  if (n0 >= N) return;
+  const int nchunks = K / 32;
+  const int G = K / group_size;
+  float acc[kRows][NB];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
+
+  for (int c0 = lane; c0 < nchunks; c0 += 32 * kUnroll) {
+    uint4 wv[kRows][kUnroll];
+    float sc[kRows][kUnroll], mz[kRows][kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int n = min(n0 + r, N - 1);
+        if (c < nchunks) {
+          wv[r][u] = __ldg(reinterpret_cast<const uint4*>(qw + (size_t)n * (K / 2)) + c);
+          const int g = (c * 32) / group_size;
+          sc[r][u] = __ldg(scale + (size_t)n * G + g);
+          mz[r][u] = 8388608.f + __ldg(zero + (size_t)n * G + g);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= nchunks) break;
+      float wf[kRows][32];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const uint32_t* w32 = reinterpret_cast<const uint32_t*>(&wv[r][u]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) wf[r][q * 8 + e] = nib_minus_zero(w32[q], 4 * e, mz[r][u]);
+      }
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        if (b < B) {
+          const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)b * K + (size_t)c * 32);
+          float part[kRows];
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) part[r] = 0.f;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint4 xv = __ldg(xp + q);
+            const half2* h2 = reinterpret_cast<const half2*>(&xv);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float2 f = __half22float2(h2[e]);
+#pragma unroll
+              for (int r = 0; r < kRows; ++r) {
+                part[r] = fmaf(wf[r][q * 8 + 2 * e], f.x, part[r]);
+                part[r] = fmaf(wf[r][q * 8 + 2 * e + 1], f.y, part[r]);
+              }
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r][b] = fmaf(sc[r][u], part[r], acc[r][b]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      const float v = warp_sum(acc[r][b]);
+      const int n = n0 + r;
+      if (lane == 0 && b < B && n < N) {
+        const float bv = bias ? __half2float(bias[n]) : 0.f;
+        out[(size_t)b * N + n] = __float2half(v + bv);
+      }
+    }
+  }
+}
+
+// Dequantise int4 codes to fp16 [N, K]: each thread expands one 16-byte chunk (32 weights).
+__global__ void dequant_w4_kernel(const uint8_t* __restrict__ qw, const float* __restrict__ scale,
+                                  const float* __restrict__ zero, half* __restrict__ out, int N, int K,
+                                  int group_size) {
+  const size_t chunks_per_row = K / 32;
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)N * chunks_per_row) return;
+  const size_t n = idx / chunks_per_row, c = idx % chunks_per_row;
+  const int G = K / group_size;
+  const int g = (int)(c * 32) / group_size;
+  const float s = scale[n * G + g];
+  const float mz = 8388608.f + zero[n * G + g];
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(qw + n * (K / 2)) + c);
+  const uint32_t* w32 = reinterpret_cast<const uint32_t*>(&wv);
+  uint4 o[4];
+  half2* oh = reinterpret_cast<half2*>(o);
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      oh[q * 4 + e] = __floats2half2_rn(nib_minus_zero(w32[q], 8 * e, mz) * s, nib_minus_zero(w32[q], 8 * e + 4, mz) * s);
+  uint4* dst = reinterpret_cast<uint4*>(out + n * K + c * 32);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) dst[q] = o[q];
+}
+
+void check_w4(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t K, int64_t group_size) {
+  TORCH_CHECK(qw.is_cuda() && qw.scalar_type() == at::kByte && qw.dim() == 2 && qw.is_contiguous(),
+              "w4: qweight must be a contiguous uint8 CUDA tensor [N, K/2]");
+  TORCH_CHECK(qw.size(1) * 2 == K, "w4: qweight has ", qw.size(1), " packed columns, expected K/2 = ", K / 2);
+  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0,
+              "w4: K and group_size must be multiples of 32, group_size dividing K");
+  const int64_t N = qw.size(0), G = K / group_size;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  zero.is_contiguous() && scale.numel() == N * G && zero.numel() == N * G,
+              "w4: scale/zero must be contiguous float32 [N, K/group_size]");
+}
+
+}  // namespace
+
+at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero,
+                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf,
+              "w4a16: x must be a contiguous fp16 CUDA tensor [M, K]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
+  check_w4(qw, scale, zero, K, group_size);
+  TORCH_CHECK(M <= 16, "w4a16 gemv handles at most 16 rows; use dequant + matmul for more");
+  const half* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(), "w4a16: bias must be fp16 [N]");
+    bp = reinterpret_cast<const half*>(bias->data_ptr<at::Half>());
+  }
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const int rows_per_block = (kGemvThreads / 32) * kRows;
+  const int grid = (int)((N + rows_per_block - 1) / rows_per_block);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const half* xp = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+  half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+#define QAAS_GEMV(NB_)                                                                                          \
+  w4a16_gemv_kernel<NB_><<<grid, kGemvThreads, 0, stream>>>(xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), \
+                                                            zero.data_ptr<float>(), bp, op, (int)M, (int)N, (int)K, \
+                                                            (int)group_size)
+  if (M <= 1) QAAS_GEMV(1);
+  else if (M <= 2) QAAS_GEMV(2);
+  else if (M <= 4) QAAS_GEMV(4);
+  else if (M <= 8) QAAS_GEMV(8);
+  else QAAS_GEMV(16);
+#undef QAAS_GEMV
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size) {
+  const c10::cuda::CUDAGuard guard(qw.device());
+  const int64_t N = qw.size(0), K = qw.size(1) * 2;
+  check_w4(qw, scale, zero, K, group_size);
+  auto out = at::empty({N, K}, qw.options().dtype(at::kHalf));
+  const int64_t total = N * (K / 32);
+  if (total == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  dequant_w4_kernel<<<(unsigned)blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
+      reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)N, (int)K, (int)group_size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace qaas

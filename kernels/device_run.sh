@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels, build the extension, run the kernel tests, run the
+# benchmarks. Logs and result tables go to $OUT (default ./out). Usage: bash kernels/device_run.sh [stages]
+# stages: any of build,test,bench,e2e (default all).
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+STAGES=${1:-build,test,bench,e2e}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.log"
+python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.log"
+if [[ $STAGES == *build* ]]; then
+  t0=$(date +%s)
+  timeout 420 python3 -m kernels.build > "$OUT/build.log" 2>&1; rc=$?
+  echo "build rc=$rc in $(( $(date +%s) - t0 ))s"; grep -E "error|registers|spill|bytes stack" "$OUT/build.log" | head -60
+  [[ $rc -ne 0 ]] && { tail -40 "$OUT/build.log"; exit 1; }
+fi
+if [[ $STAGES == *test* ]]; then
+  timeout 240 python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+fi
+if [[ $STAGES == *bench* ]]; then
+  timeout 300 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -120
+fi
+if [[ $STAGES == *e2e* ]]; then
+  timeout 240 python3 -m benchmarks.e2e_generation --layers 8 --new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -12
+fi

@@ -1,0 +1,219 @@
+"""GPU dispatch for :class:`quant.modules.QuantLinear` (called from its ``forward`` on CUDA inputs).
+
+Paths (fp16 activations):
+- **W4A16** (weights <= 4 bits packed two per byte, any per-group scale/zero with ``group_size % 32 == 0``,
+  activations unquantized): <= 16 tokens -> ``qaas::w4a16_gemm`` (memory-bound GEMV); more tokens ->
+  ``qaas::dequant_w4`` + cuBLAS fp16.
+- **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
+  of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization) ->
+  ``qaas::int8_gemm`` (int8 tensor cores, scales and bias in the epilogue).
+The layer's online transform is matched against the kernel's: block-diagonal Hadamard or Kronecker
+``kron(P1, P2)`` found among the transform's square tensors, by probing it on random inputs once;
+any other transform runs in torch before the fused quantization kernel.
+
+Everything else (asymmetric or group-wise activations/weights on the integer path, 6-bit, bf16/fp32
+inputs) is not supported: ``supports`` returns False and ``QuantLinear`` uses its reference forward.
+On a machine without the built extension ``supports`` always returns False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import ops, reference
+from kernels._ext import available, extension
+
+if TYPE_CHECKING:
+    from quant.modules.linear import QuantLinear
+
+FP_BITS = 16
+GEMV_MAX_TOKENS = 16
+SMEM_LIMIT_BYTES = 220 * 1024
+_PLAN_ATTR = "_qaas_kernel_plan"
+_CACHE_ATTR = "_qaas_kernel_cache"
+
+
+@dataclass(frozen=True)
+class TransformPlan:
+    kind: str  # "none" | "hadamard" | "kronecker" | "torch"
+    hadamard_block: int = 0
+    p1_name: str = ""
+    p2_name: str = ""
+
+    @property
+    def mode(self) -> int:
+        return {"hadamard": reference.MODE_HADAMARD, "kronecker": reference.MODE_KRONECKER}.get(
+            self.kind, reference.MODE_NONE
+        )
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    path: str  # "w4a16" | "int"
+    transform: TransformPlan
+    transform_id: int
+
+
+# ---------------------------------------------------------------------------------------------- plans
+def _square_tensors(t: torch.nn.Module) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for name, tensor in list(t.named_parameters()) + list(t.named_buffers()):
+        if tensor.dim() == 2 and tensor.shape[0] == tensor.shape[1] and tensor.is_floating_point():
+            found[name] = tensor
+    return found
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-2) -> bool:
+    a, b = a.double(), b.double()
+    return bool(torch.isfinite(a).all()) and float((a - b).norm() / b.norm().clamp_min(1e-30)) < tol
+
+
+def detect_transform(transform: torch.nn.Module | None, n: int) -> TransformPlan:
+    """Which fused-kernel transform computes ``transform`` (probed once on random inputs)."""
+    if transform is None:
+        return TransformPlan("none")
+    tensors = _square_tensors(transform)
+    ref = next(iter(tensors.values()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    probe = torch.randn(4, n, generator=gen).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        try:
+            y = transform(probe).float()
+        except Exception:  # a transform the probe cannot drive: keep it in torch
+            return TransformPlan("torch")
+        pf = probe.float()
+        block = n & -n  # largest power of two dividing n
+        while block >= 2:
+            if block * 4 <= SMEM_LIMIT_BYTES and _close(reference.hadamard_blockdiag(pf, block), y):
+                return TransformPlan("hadamard", hadamard_block=block)
+            block //= 2
+        for n1_name, p1 in tensors.items():
+            for n2_name, p2 in tensors.items():
+                if n1_name == n2_name or p1.shape[0] * p2.shape[0] != n:
+                    continue
+                smem = 4 * (2 * n + p1.shape[0] ** 2 + p2.shape[0] ** 2)
+                if smem <= SMEM_LIMIT_BYTES and _close(reference.kronecker_transform(pf, p1.float(), p2.float()), y):
+                    return TransformPlan("kronecker", p1_name=n1_name, p2_name=n2_name)
+    return TransformPlan("torch")
+
+
+def plan_for(layer: "QuantLinear") -> KernelPlan | None:
+    """The kernel path for ``layer`` (None: not supported). Cached on the layer, recomputed when its
+    transform module changes."""
+    cached = layer.__dict__.get(_PLAN_ATTR)
+    tid = id(layer.transform)
+    if cached is not None and cached[0] == tid:
+        return cached[1]
+    plan = _make_plan(layer)
+    layer.__dict__[_PLAN_ATTR] = (tid, plan)
+    return plan
+
+
+def _make_plan(layer: "QuantLinear") -> KernelPlan | None:
+    k, n = layer.in_features, layer.out_features
+    wb, ab = layer.weight_bits, layer.act_bits
+    if wb >= FP_BITS:
+        return None
+    if ab >= FP_BITS:
+        if wb > 4 or k % 32 or layer.group_size % 32 or k % layer.group_size:
+            return None
+        path = "w4a16"
+    else:
+        if ab not in (4, 8) or wb not in (4, 8) or not layer.act_symmetric or not layer.weight_symmetric:
+            return None
+        if layer.group_size != k or k % 64 or n % 2 or 4 * k > SMEM_LIMIT_BYTES:
+            return None
+        path = "int"
+    tplan = detect_transform(layer.transform, k)
+    if path == "w4a16" and tplan.kind != "none":
+        tplan = TransformPlan("torch")  # unquantized activations: the transform runs in torch
+    return KernelPlan(path=path, transform=tplan, transform_id=id(layer.transform))
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def _derived(layer: "QuantLinear", key: str, src: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``make(src)`` cached on the layer until ``src`` is replaced or modified in place."""
+    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    stamp = (src.data_ptr(), src._version, src.dtype, src.device)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = make(src)
+    cache[key] = (stamp, value)
+    return value
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+def _bias(layer: "QuantLinear") -> torch.Tensor | None:
+    if layer.bias is None:
+        return None
+    return _derived(layer, "bias", layer.bias, lambda b: b.detach().to(torch.float16).contiguous())
+
+
+# ---------------------------------------------------------------------------------------------- API
+def supports(layer: "QuantLinear", x: torch.Tensor) -> bool:
+    """True when the CUDA kernels compute this layer's forward for ``x`` (never without the extension)."""
+    if not available() or not x.is_cuda or x.dtype != torch.float16 or x.shape[-1] != layer.in_features:
+        return False
+    if layer.qweight.device != x.device:
+        return False
+    return plan_for(layer) is not None
+
+
+def _kernels_for(x: torch.Tensor) -> Any:
+    """The compiled functions for CUDA inputs (skipping the custom-op Python layer, which costs
+    microseconds per call at decode), else the ``qaas`` ops (references on CPU)."""
+    ext = extension() if x.is_cuda else None
+    return ext if ext is not None else ops
+
+
+def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward through the ``qaas`` kernels (CUDA kernels on CUDA, references elsewhere)."""
+    plan = plan_for(layer)
+    k = _kernels_for(x)
+    if plan is None:
+        raise ValueError(f"no kernel path for {layer!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features)
+    if plan.transform.kind == "torch" and layer.transform is not None:
+        x2 = layer.transform(x2).to(x.dtype)
+    x2 = x2.contiguous()
+    bias = _bias(layer)
+    if plan.path == "w4a16":
+        scale = _derived(layer, "w_scale", layer.w_scale, _f32)
+        zero = _derived(layer, "w_zero", layer.w_zero, _f32)
+        if x2.shape[0] <= GEMV_MAX_TOKENS:
+            out = k.w4a16_gemm(x2, layer.qweight, scale, zero, layer.group_size, bias)
+        else:
+            w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size)
+            out = F.linear(x2, w.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+        return out.reshape(*lead, layer.out_features)
+    tp = plan.transform
+    p1 = p2 = None
+    if tp.kind == "kronecker":
+        assert layer.transform is not None
+        tensors = _square_tensors(layer.transform)
+        p1 = _derived(layer, "p1", tensors[tp.p1_name], _f32)
+        p2 = _derived(layer, "p2", tensors[tp.p2_name], _f32)
+    clip = _derived(layer, "clip", layer.act_clip, lambda c: c.detach().float().reshape(()).contiguous())
+    codes, a_scale = k.act_quant(x2, layer.act_bits, clip, tp.mode, tp.hadamard_block, p1, p2)
+    w_scale = _derived(layer, "w_scale_ch", layer.w_scale, lambda s: s.detach()[:, 0].float().contiguous())
+    out = k.int8_gemm(codes, layer.act_bits, a_scale, layer.qweight, layer.weight_bits, w_scale, bias)
+    return out.to(x.dtype).reshape(*lead, layer.out_features)
+
+
+def hadamard_block_for(n: int) -> int:
+    """Largest power-of-two block (<= 16384) dividing ``n``: the block-diagonal Hadamard fallback size."""
+    return min(n & -n, 16384) if n > 0 else 0
+
+
+__all__ = ["KernelPlan", "TransformPlan", "detect_transform", "hadamard_block_for", "plan_for", "quant_linear_forward", "supports"]

@@ -1,0 +1,110 @@
+"""``torch.library`` custom ops of the qaas kernels (namespace ``qaas``).
+
+Each op's default kernel is its pure-torch reference (:mod:`kernels.reference`), so every op runs on
+the CPU; when the compiled extension loads, the CUDA kernel is registered for CUDA tensors.
+(No ``from __future__ import annotations`` here: ``custom_op`` infers schemas from real annotations.)
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kernels import reference
+from kernels._ext import extension
+
+
+@torch.library.custom_op("qaas::act_quant", mutates_args=())
+def act_quant(
+    x: Tensor, bits: int, clip: Tensor, mode: int, hb: int, p1: Optional[Tensor], p2: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Online transform (mode 0 none, 1 block Hadamard of size ``hb``, 2 Kronecker ``p1``/``p2``) fused with
+    per-token symmetric quantization to ``bits`` (8, or 4 packed two per byte); clip ratio ``clip``."""
+    return reference.act_quant_ref(x, bits, clip, mode, hb, p1, p2)
+
+
+@act_quant.register_fake
+def _act_quant_fake(x, bits, clip, mode, hb, p1, p2):
+    m, k = x.shape
+    return x.new_empty((m, k if bits == 8 else k // 2), dtype=torch.uint8), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("qaas::w4a16_gemm", mutates_args=())
+def w4a16_gemm(
+    x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Optional[Tensor]
+) -> Tensor:
+    """``x [M<=16, K] fp16 @ dequant(qweight [N, K/2] int4, scale/zero [N, K/group])^T + bias``."""
+    return reference.w4a16_gemm_ref(x, qweight, scale, zero, group_size, bias)
+
+
+@w4a16_gemm.register_fake
+def _w4a16_fake(x, qweight, scale, zero, group_size, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@torch.library.custom_op("qaas::dequant_w4", mutates_args=())
+def dequant_w4(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """int4 packed weight -> fp16 ``[N, K]`` (prefill path of W4A16: then cuBLAS)."""
+    return reference.dequant_w4_ref(qweight, scale, zero, group_size)
+
+
+@dequant_w4.register_fake
+def _dequant_w4_fake(qweight, scale, zero, group_size):
+    return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2), dtype=torch.float16)
+
+
+@torch.library.custom_op("qaas::int8_gemm", mutates_args=())
+def int8_gemm(
+    a: Tensor, a_bits: int, a_scale: Tensor, w: Tensor, w_bits: int, w_scale: Tensor, bias: Optional[Tensor]
+) -> Tensor:
+    """Symmetric integer GEMM on int8 tensor cores (W8A8, W4A8, W4A4 storage) with the per-token x
+    per-channel scale and bias epilogue, fp16 out."""
+    return reference.int8_gemm_ref(a, a_bits, a_scale, w, w_bits, w_scale, bias)
+
+
+@int8_gemm.register_fake
+def _int8_gemm_fake(a, a_bits, a_scale, w, w_bits, w_scale, bias):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=torch.float16)
+
+
+@torch.library.custom_op("qaas::scale_epilogue", mutates_args=())
+def scale_epilogue(acc: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """int32 accumulators -> fp16 with per-token x per-channel scales (baseline: after ``torch._int_mm``)."""
+    return reference.scale_epilogue_ref(acc, a_scale, w_scale, bias)
+
+
+@scale_epilogue.register_fake
+def _scale_epilogue_fake(acc, a_scale, w_scale, bias):
+    return acc.new_empty(acc.shape, dtype=torch.float16)
+
+
+def _register_cuda_kernels() -> bool:
+    ext = extension()
+    if ext is None:
+        return False
+
+    def _act_quant_cuda(x, bits, clip, mode, hb, p1, p2):
+        codes, scale = ext.act_quant(x, bits, clip, mode, hb, p1, p2)
+        return codes, scale
+
+    def _w4a16_cuda(x, qweight, scale, zero, group_size, bias):
+        return ext.w4a16_gemm(x, qweight, scale, zero, group_size, bias)
+
+    def _dequant_w4_cuda(qweight, scale, zero, group_size):
+        return ext.dequant_w4(qweight, scale, zero, group_size)
+
+    def _int8_gemm_cuda(a, a_bits, a_scale, w, w_bits, w_scale, bias):
+        return ext.int8_gemm(a, a_bits, a_scale, w, w_bits, w_scale, bias)
+
+    def _scale_epilogue_cuda(acc, a_scale, w_scale, bias):
+        return ext.scale_epilogue(acc, a_scale, w_scale, bias)
+
+    act_quant.register_kernel("cuda")(_act_quant_cuda)
+    w4a16_gemm.register_kernel("cuda")(_w4a16_cuda)
+    dequant_w4.register_kernel("cuda")(_dequant_w4_cuda)
+    int8_gemm.register_kernel("cuda")(_int8_gemm_cuda)
+    scale_epilogue.register_kernel("cuda")(_scale_epilogue_cuda)
+    return True
+
+
+CUDA_KERNELS_REGISTERED = _register_cuda_kernels()

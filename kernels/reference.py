@@ -1,0 +1,141 @@
+"""Pure-torch reference implementations of the qaas kernels (run on the CPU, or any device).
+
+They define the functions the CUDA kernels compute, built on ``quant.quantizers`` so the kernels'
+conventions are by construction those of the library: unsigned codes ``u`` with ``x = (u - z) * s``,
+symmetric ``z = 2**(b-1)``, int4 two per byte with element ``2j`` in the low nibble of byte ``j``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from quant.quantizers.core import compute_qparams, quantize_codes
+from quant.quantizers.packing import pack_int4, unpack_int4
+
+MODE_NONE = 0
+MODE_HADAMARD = 1
+MODE_KRONECKER = 2
+
+
+def hadamard_blockdiag(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x @ blockdiag(H_b, ..., H_b)`` with ``H_b`` the normalised Sylvester Hadamard matrix of size ``block``
+    (a power of two dividing the last dim), by fast Walsh-Hadamard butterflies."""
+    n = x.shape[-1]
+    if block < 1 or block & (block - 1) or n % block:
+        raise ValueError(f"hadamard block {block} must be a power of two dividing {n}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n // block, block)
+    h = 1
+    while h < block:
+        y = y.reshape(y.shape[0], n // block, block // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return (y.reshape(*lead, n) / math.sqrt(block)).to(x.dtype)
+
+
+def hadamard_matrix(block: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return hadamard_blockdiag(torch.eye(block, dtype=dtype), block)
+
+
+def kronecker_transform(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``x @ kron(P1, P2)`` computed as ``P1^T X P2`` with ``X = x.reshape(n1, n2)`` (FlatQuant)."""
+    n1, n2 = p1.shape[0], p2.shape[0]
+    lead = x.shape[:-1]
+    xm = x.reshape(-1, n1, n2)
+    y = p1.to(x.dtype).transpose(0, 1) @ xm @ p2.to(x.dtype)
+    return y.reshape(*lead, n1 * n2)
+
+
+def apply_transform(
+    x: torch.Tensor, mode: int, hb: int, p1: torch.Tensor | None, p2: torch.Tensor | None
+) -> torch.Tensor:
+    if mode == MODE_NONE:
+        return x
+    if mode == MODE_HADAMARD:
+        return hadamard_blockdiag(x, hb)
+    if mode == MODE_KRONECKER:
+        if p1 is None or p2 is None:
+            raise ValueError("kronecker transform needs p1 and p2")
+        return kronecker_transform(x, p1, p2)
+    raise ValueError(f"unknown transform mode {mode}")
+
+
+def act_quant_ref(
+    x: torch.Tensor,
+    bits: int,
+    clip: torch.Tensor,
+    mode: int,
+    hb: int,
+    p1: torch.Tensor | None,
+    p2: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transform (float32) then per-token symmetric quantization: (codes uint8 [M, K or K/2], scale f32 [M])."""
+    if bits not in (4, 8):
+        raise ValueError("act_quant supports 4 or 8 bits")
+    xf = apply_transform(x.float(), mode, hb, None if p1 is None else p1.float(), None if p2 is None else p2.float())
+    qp = compute_qparams(xf, bits, symmetric=True, clip_ratio=clip.float().to(xf.device))
+    codes = quantize_codes(xf, qp)
+    if bits == 4:
+        codes = pack_int4(codes)
+    return codes, qp.scale.reshape(-1).float()
+
+
+def dequant_w4_ref(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int4 codes ``[N, K/2]`` with per-group scale/zero ``[N, K/group]`` -> fp16 ``[N, K]``."""
+    u = unpack_int4(qweight).float()
+    n, k = u.shape
+    w = (u.reshape(n, k // group_size, group_size) - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return w.reshape(n, k).to(torch.float16)
+
+
+def w4a16_gemm_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    u = unpack_int4(qweight).float()
+    n, k = u.shape
+    w = ((u.reshape(n, k // group_size, group_size) - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).reshape(n, k)
+    out = x.float() @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def signed_values(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed integer values ``u - 2**(bits-1)`` of symmetric codes (int4 unpacked first), as int32."""
+    u = unpack_int4(codes) if bits == 4 else codes
+    return u.to(torch.int32) - (1 << (bits - 1))
+
+
+def int8_gemm_ref(
+    a: torch.Tensor,
+    a_bits: int,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_bits: int,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(qa @ qw^T) * a_scale[:, None] * w_scale[None, :] + bias`` in float64, returned as fp16."""
+    qa = signed_values(a, a_bits).double()
+    qw = signed_values(w, w_bits).double()
+    out = (qa @ qw.t()) * a_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(torch.float16)
+
+
+def scale_epilogue_ref(
+    acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    out = acc.double() * a_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(torch.float16)

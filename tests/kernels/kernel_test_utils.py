@@ -1,0 +1,85 @@
+"""Test-local online transforms and layer builders for the kernel tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kernels import reference
+from quant.modules.linear import QuantLinear
+from quant.quantizers.weight import quantize_weight_rtn
+from quant.recipes.schema import ActivationQuantSpec, WeightQuantSpec
+from quant.transforms.base import InputTransform
+
+
+class DenseHadamard(InputTransform):
+    """x @ blockdiag(H_b): a dense-matrix stand-in for quant.transforms' Hadamard transform."""
+
+    kind = "test-hadamard"
+
+    def __init__(self, size: int, block: int) -> None:
+        super().__init__()
+        self.size, self.block = size, block
+        h = reference.hadamard_matrix(block, torch.float32)
+        self.register_buffer("matrix_", torch.block_diag(*([h] * (size // block))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix_.to(x.dtype)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.size, "block": self.block}
+
+
+class KronTransform(InputTransform):
+    """x @ kron(P1, P2) with learnable-style P1, P2 parameters (FlatQuant shape)."""
+
+    kind = "test-kronecker"
+
+    def __init__(self, n1: int, n2: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q1, _ = torch.linalg.qr(torch.randn(n1, n1, generator=g))
+        q2, _ = torch.linalg.qr(torch.randn(n2, n2, generator=g))
+        self.left = torch.nn.Parameter(q1 + 0.05 * torch.randn(n1, n1, generator=g), requires_grad=False)
+        self.right = torch.nn.Parameter(q2 + 0.05 * torch.randn(n2, n2, generator=g), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.kronecker_transform(x, self.left, self.right)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.left.shape[0] * self.right.shape[0]}
+
+
+def make_layer(
+    in_f: int,
+    out_f: int,
+    w_bits: int,
+    a_bits: int,
+    group_size: int | None = None,
+    w_symmetric: bool = True,
+    transform: InputTransform | None = None,
+    clip: float = 1.0,
+    bias: bool = True,
+    seed: int = 0,
+) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    spec = WeightQuantSpec(
+        bits=w_bits,
+        granularity="per_group" if group_size else "per_channel",
+        group_size=group_size,
+        symmetric=w_symmetric,
+        clip_search=False,
+    )
+    b = torch.randn(out_f, generator=g) * 0.1 if bias else None
+    act = ActivationQuantSpec(bits=a_bits, symmetric=True, clip_ratio=clip)
+    return QuantLinear.from_quantized(
+        quantize_weight_rtn(w, spec), b, act, transform=transform, weight_symmetric=w_symmetric
+    )
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
+    return float((out - ref).norm() / ref.norm())

@@ -1,0 +1,136 @@
+"""CPU checks (run in CI): the pure-torch references of the qaas kernels agree with quant.quantizers,
+the packing convention and QuantLinear.reference_forward; dispatch is inert without the extension."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_test_utils import DenseHadamard, KronTransform, make_layer, rel_err
+
+import kernels
+from kernels import dispatch, reference
+from quant.quantizers.core import fake_quantize
+from quant.quantizers.packing import pack_int4, unpack_int4
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n**0.5
+
+
+@pytest.mark.parametrize("n,block", [(64, 64), (96, 32), (48, 16), (8, 2)])
+def test_hadamard_matches_dense_sylvester(n: int, block: int) -> None:
+    x = torch.randn(5, n, dtype=torch.float64)
+    dense = torch.block_diag(*([_sylvester(block)] * (n // block)))
+    assert torch.allclose(reference.hadamard_blockdiag(x, block), x @ dense, atol=1e-12)
+
+
+def test_hadamard_rejects_bad_block() -> None:
+    with pytest.raises(ValueError):
+        reference.hadamard_blockdiag(torch.randn(2, 48), 32)
+
+
+def test_kronecker_matches_dense_kron() -> None:
+    p1, p2 = torch.randn(4, 4, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    assert torch.allclose(reference.kronecker_transform(x, p1, p2), x @ torch.kron(p1, p2), atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_act_quant_ref_agrees_with_fake_quantize(bits: int, mode: int) -> None:
+    torch.manual_seed(bits + mode)
+    x = torch.randn(7, 64) * 3 + 0.5
+    clip = torch.tensor(0.9)
+    p1, p2 = torch.randn(8, 8), torch.randn(8, 8)
+    codes, scale = torch.ops.qaas.act_quant(x, bits, clip, mode, 16, p1, p2)
+    assert codes.dtype == torch.uint8 and scale.shape == (7,)
+    assert codes.shape == (7, 64 if bits == 8 else 32)
+    u = unpack_int4(codes) if bits == 4 else codes
+    assert int(u.min()) >= 1 and int(u.max()) <= 2**bits - 1  # symmetric: the most negative code unused
+    xt = reference.apply_transform(x, mode, 16, p1, p2)
+    deq = (u.float() - 2 ** (bits - 1)) * scale[:, None]
+    assert torch.allclose(deq, fake_quantize(xt, bits, True, clip), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("a_bits,w_bits", [(8, 8), (8, 4), (4, 4)])
+def test_int8_gemm_ref_matches_float_math(a_bits: int, w_bits: int) -> None:
+    torch.manual_seed(0)
+    m, n, k = 5, 12, 64
+    ua = torch.randint(1, 2**a_bits, (m, k), dtype=torch.uint8)
+    uw = torch.randint(1, 2**w_bits, (n, k), dtype=torch.uint8)
+    pack = lambda u, b: pack_int4(u) if b == 4 else u  # noqa: E731
+    sa, sw, bias = torch.rand(m) + 0.1, torch.rand(n) + 0.1, torch.randn(n).half()
+    out = torch.ops.qaas.int8_gemm(pack(ua, a_bits), a_bits, sa, pack(uw, w_bits), w_bits, sw, bias)
+    qa = ua.double() - 2 ** (a_bits - 1)
+    qw = uw.double() - 2 ** (w_bits - 1)
+    expect = (qa * sa.double()[:, None]) @ (qw * sw.double()[:, None]).t() + bias.double()
+    assert out.dtype == torch.float16 and rel_err(out, expect) < 1e-3
+
+
+def test_dequant_and_w4a16_ref_match_quantized_weight() -> None:
+    layer = make_layer(128, 24, w_bits=4, a_bits=16, group_size=32, w_symmetric=False)
+    w = layer.dequantized_weight(torch.float32)
+    deq = torch.ops.qaas.dequant_w4(layer.qweight, layer.w_scale, layer.w_zero, 32)
+    assert torch.allclose(deq.float(), w, atol=1e-3, rtol=1e-3)
+    x = torch.randn(3, 128)
+    out = torch.ops.qaas.w4a16_gemm(x, layer.qweight, layer.w_scale, layer.w_zero, 32, layer.bias.half())
+    assert rel_err(out, x @ w.t() + layer.bias) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "w_bits,a_bits,group,sym,transform",
+    [
+        (4, 16, 32, False, None),  # W4A16, asymmetric per-group
+        (8, 8, None, True, None),  # W8A8 per-channel
+        (4, 8, None, True, "hadamard"),
+        (4, 4, None, True, "hadamard"),
+        (4, 4, None, True, "kronecker"),
+    ],
+)
+@pytest.mark.parametrize("tokens", [3, 20])
+def test_dispatch_pipeline_matches_reference_forward(w_bits, a_bits, group, sym, transform, tokens) -> None:
+    t = {None: None, "hadamard": DenseHadamard(128, 64), "kronecker": KronTransform(8, 16)}[transform]
+    layer = make_layer(128, 48, w_bits, a_bits, group_size=group, w_symmetric=sym, transform=t, clip=0.95)
+    plan = dispatch.plan_for(layer)
+    assert plan is not None
+    expected_kind = {None: "none", "hadamard": "hadamard", "kronecker": "kronecker"}[transform]
+    assert plan.transform.kind == expected_kind
+    if transform == "hadamard":
+        assert plan.transform.hadamard_block == 64
+    x = torch.randn(tokens, 128) * 2
+    out = dispatch.quant_linear_forward(layer, x)  # runs the qaas ops' CPU references
+    ref = layer.reference_forward(x)
+    assert out.shape == ref.shape
+    # fp16 output rounding; with quantized activations rare rounding-boundary flips of one code
+    assert rel_err(out, ref) < (2e-3 if a_bits == 16 or transform is None else 1e-2)
+
+
+def test_unsupported_layers_have_no_plan() -> None:
+    assert dispatch.plan_for(make_layer(64, 16, 4, 4, group_size=32)) is None  # group-wise weights, int path
+    assert dispatch.plan_for(make_layer(64, 16, 8, 8, w_symmetric=False)) is None  # asymmetric weights
+    assert dispatch.plan_for(make_layer(64, 16, 6, 8)) is None  # 6-bit
+    fp = make_layer(64, 16, 8, 8)
+    fp.act_symmetric = False
+    fp.__dict__.pop("_qaas_kernel_plan", None)
+    assert dispatch.plan_for(fp) is None
+
+
+def test_unknown_transform_runs_in_torch() -> None:
+    class Scale(DenseHadamard):
+        def forward(self, x):  # not Hadamard, not Kronecker
+            return x * 1.5
+
+    plan = dispatch.plan_for(make_layer(64, 16, 8, 8, transform=Scale(64, 64)))
+    assert plan is not None and plan.transform.kind == "torch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cpu_only_import_and_supports_false() -> None:
+    assert not kernels.available() and kernels.unavailable_reason()
+    layer = make_layer(64, 16, 8, 8)
+    assert dispatch.supports(layer, torch.randn(2, 64)) is False
+    out = layer(torch.randn(2, 64))  # QuantLinear.forward falls back to the reference
+    assert out.shape == (2, 16)
