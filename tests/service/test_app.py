@@ -53,3 +53,5 @@ def test_optional_routers_are_mounted(tmp_path: Path) -> None:
     paths = set(app.openapi()["paths"])
     assert {"/v1/jobs", "/v1/models", "/v1/recipes", "/v1/recipes/validate", "/healthz"} <= paths
     assert "/v1/completions" in paths  # service.inference.router
+    with TestClient(app) as client:
+        assert client.get("/dashboard").status_code == 200  # service.dashboard.router
