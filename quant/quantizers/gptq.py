@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
@@ -35,6 +35,10 @@ from quant.calibration.data import CalibrationData
 from quant.quantizers.weight import QuantizedWeight, group_size_for, scale_zero_for_weight
 from quant.recipes.schema import Recipe, WeightQuantSpec
 from quant.transforms.base import InputTransform
+
+if TYPE_CHECKING:
+    from quant.methods.base import ProgressCallback
+    from quant.models.adapters import ModelAdapter
 
 
 @dataclass
@@ -54,8 +58,10 @@ def _inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> tuple[torch
         damp = base * (10.0**attempt)
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            # H^-1 = L^-T L^-1 (a triangular solve: much faster than cholesky_inverse on CPU)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            Hinv = Linv.T @ Linv
+            U, info = torch.linalg.cholesky_ex((Hinv + Hinv.T) / 2, upper=True)
             if int(info) == 0:
                 return U, damp
     raise RuntimeError("GPTQ: Hessian is not positive definite even with strong dampening")
@@ -98,7 +104,6 @@ def gptq_quantize_ex(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec) ->
     H = H[perm][:, perm]
     Hinv, damp = _inverse_hessian_factor(H, opts.damp_percent)
 
-    Q = torch.zeros_like(W)  # dequantized values, processing order
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     losses = torch.zeros(out_f, device=W.device)
     block = opts.block_size
@@ -129,7 +134,6 @@ def gptq_quantize_ex(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec) ->
             u = torch.clamp(torch.round(w / scale[:, g]) + zero[:, g], lo, hi)
             q = (u - zero[:, g]) * scale[:, g]
             codes[:, col] = u.to(torch.uint8)
-            Q[:, i1 + i] = q
             err = (w - q) / d
             losses += (w - q).pow(2) / d.pow(2) / 2
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -182,13 +186,13 @@ def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) ->
 @torch.no_grad()
 def gptq_blockwise(
     model: nn.Module,
-    adapter: Any,
+    adapter: "ModelAdapter",
     recipe: Recipe,
     calibration: CalibrationData,
     transforms: dict[str, InputTransform],
     act_clips: dict[str, float],
     names: Iterable[str],
-    progress: Any,
+    progress: "ProgressCallback",
 ) -> dict[str, nn.Module]:
     """GPTQ every linear of ``names`` block by block; installs QuantLinear; returns them by name."""
     from quant.methods.common import build_quant_linear
