@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     settings.ensure_dirs()
     var = Path("var").resolve()
     var.mkdir(exist_ok=True)
-    print(f"[demo] database {settings.database_url}; broker {settings.redis_url}; artifacts {settings.artifact_dir}")
+    from sqlalchemy import make_url
+
+    shown_db = make_url(settings.database_url).render_as_string(hide_password=True)
+    shown_broker = make_url(settings.redis_url).render_as_string(hide_password=True)
+    print(f"[demo] database {shown_db}; broker {shown_broker}; artifacts {settings.artifact_dir}")
 
     engine = make_engine(settings.database_url)
     upgrade(engine)

@@ -245,7 +245,7 @@ def execute_job(factory: sessionmaker[Session], settings: Settings, job_id: str,
             return claim
         except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason
             reason = f"{type(exc).__name__}: {exc}"[:4000]
-            log.warning("job %s attempt %d failed: %s", job_id, claim.attempt, reason)
+            log.warning("job %s attempt %d failed: %s", job_id, claim.attempt, reason, exc_info=True)
             with session_scope(factory) as session:
                 fail_job(session, job_id, reason, expected=(JobState.running,), task_id=task_id)
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Task, signals
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.migrate import ensure_schema
@@ -21,6 +22,8 @@ from workers.pipeline_adapter import run_pipeline
 from workers.runner import ClaimOutcome, execute_job
 
 log = logging.getLogger("workers.tasks")
+DB_RETRY_SECONDS = 15
+DB_MAX_RETRIES = 40
 
 
 class QaasTask(Task):
@@ -77,7 +80,12 @@ def quantize_job(self: QaasTask, job_id: str) -> dict[str, Any]:
 
         torch.set_num_threads(settings.worker_threads)
     task_id = self.request.id
-    claim = execute_job(self.session_factory, settings, job_id, task_id, _worker_name(self), run_pipeline)
+    try:
+        claim = execute_job(self.session_factory, settings, job_id, task_id, _worker_name(self), run_pipeline)
+    except OperationalError as exc:
+        # the database is unreachable: keep the message alive instead of acking a job nobody recorded
+        log.warning("job %s: database unavailable (%s); retrying", job_id, type(exc).__name__)
+        raise self.retry(exc=exc, countdown=DB_RETRY_SECONDS, max_retries=DB_MAX_RETRIES) from None
     if claim.outcome is ClaimOutcome.busy:
         # a redelivered message while the previous execution's heartbeat is still fresh: look again
         # once it would be stale (the previous worker died) — or find the job finished.
