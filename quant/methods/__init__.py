@@ -5,3 +5,4 @@ from quant.methods import gptq  # noqa: F401
 from quant.methods import smoothquant  # noqa: F401
 from quant.methods import osplus  # noqa: F401
 from quant.methods import flatquant  # noqa: F401
+from quant.methods import quarot  # noqa: F401
