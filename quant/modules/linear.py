@@ -121,7 +121,9 @@ class QuantLinear(nn.Module):
     def _cached_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         cache = self._dequant_cache
         if cache is None or cache.dtype != dtype or cache.device != device:
-            cache = self.dequantized_weight(dtype).to(device)
+            # detached: for 16-bit weights ``.to`` may return the Parameter itself, and assigning a
+            # Parameter to an attribute would register it (an extra "_dequant_cache" state-dict key)
+            cache = self.dequantized_weight(dtype).detach().to(device)
             self._dequant_cache = cache
         return cache
 
