@@ -256,4 +256,12 @@ def gptq_blockwise(
         outputs = [call_block(block.module, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         inputs = advance(inputs, outputs)
         progress((b + 1) / len(blocks), f"gptq: block {b + 1}/{len(blocks)}")
+    # linears outside the transformer blocks have no block-wise Hessian here: round them with RTN
+    for n in sorted(wanted - set(done)):
+        lin = model.get_submodule(n)
+        if isinstance(lin, nn.Linear):
+            layer = build_quant_linear(lin, recipe, transforms.get(n), act_clips.get(n))
+            layer.quant_stats = {"rtn_fallback": 1.0}
+            set_module(model, n, layer)
+            done[n] = layer
     return done

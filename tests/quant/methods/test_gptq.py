@@ -66,3 +66,19 @@ def test_gptq_needs_calibration() -> None:
 
         model = make_tiny_llama()
         quantize_linears(model, get_adapter(model), get_preset("gptq-w4a8"), calibration=None)
+
+
+def test_linears_outside_blocks_fall_back_to_rtn() -> None:
+    from quant.methods.common import quantize_linears
+    from quant.models.adapters import get_adapter
+
+    model = make_tiny_llama()
+    names = ["model.layers.0.mlp.down_proj", "lm_head"]
+    body = get_preset("gptq-w4a8").to_dict()
+    body["skip_modules"] = []
+    done = quantize_linears(model, get_adapter(model), Recipe.model_validate(body), calibration=make_calibration(),
+                            names=names)
+    assert set(done) == set(names)
+    assert "output_rel_err" in done["model.layers.0.mlp.down_proj"].quant_stats
+    assert done["lm_head"].quant_stats == {"rtn_fallback": 1.0}
+    assert isinstance(model.lm_head, QuantLinear)
