@@ -24,6 +24,7 @@ _KEY_RE = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{43}})$")
 KEY_PATTERN = re.compile(rf"{KEY_PREFIX}_[0-9a-f]{{16}}_[A-Za-z0-9_-]{{20,}}")
 ANONYMOUS_OWNER = "anonymous"
 ANONYMOUS_KEY_ID = "0" * 16
+LAST_USED_RESOLUTION_S = 60
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ def verify_api_key(session: Session, presented: str) -> ApiKey | None:
         return None
     if not hmac.compare_digest(record.secret_hash, _hash(record.salt, secret)):
         return None
-    record.last_used_at = utcnow()
+    now = utcnow()
+    if record.last_used_at is None or (now - record.last_used_at).total_seconds() > LAST_USED_RESOLUTION_S:
+        record.last_used_at = now  # written at most once a minute per key, not on every request
     return record
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from service.api.deps import ApiKeyDep, DispatcherDep, SessionDep, SettingsDep
 from service.api.models import ensure_registered
@@ -23,9 +24,8 @@ from service.api.schemas import ArtifactOut, JobCreate, JobOut, JobPage, Metrics
 from service.archive import iter_tar, tar_size
 from service.db.models import ApiKey, Job, JobState
 from service.dispatch import EnqueueFailed
-from service.errors import ERROR_RESPONSES, ApiError
+from service.errors import ERROR_RESPONSES, ApiError, FieldError
 from service.jobs import IdempotencyConflict, TransitionRefused, cancel_job, create_job, retry_job
-from sqlalchemy.orm import Session
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -95,8 +95,6 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         created, job_id = json.loads(raw)
         return datetime.fromisoformat(created), str(job_id)
     except (ValueError, TypeError):
-        from service.errors import FieldError
-
         raise ApiError(422, "invalid cursor", details=[FieldError(field="cursor", message="malformed cursor",
                                                                   type="value_error")]) from None
 

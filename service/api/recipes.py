@@ -15,7 +15,7 @@ from quant.recipes.schema import Recipe
 from service.api.deps import ApiKeyDep, SessionDep
 from service.api.schemas import RecipeCreate, RecipeList, RecipeOut, RecipeValidateIn, RecipeValidateOut
 from service.db.models import UserRecipe
-from service.errors import ERROR_RESPONSES, ApiError, validation_error
+from service.errors import ERROR_RESPONSES, ApiError, FieldError, validation_error
 
 router = APIRouter(prefix="/v1/recipes", tags=["recipes"], responses=ERROR_RESPONSES)
 
@@ -36,8 +36,6 @@ def resolve_named_recipe(session: Session, api_key_id: int, name: str, field: st
         pass
     row = session.scalar(select(UserRecipe).where(UserRecipe.api_key_id == api_key_id, UserRecipe.name == name))
     if row is None:
-        from service.errors import FieldError
-
         raise ApiError(422, f"unknown preset or saved recipe {name!r}",
                        details=[FieldError(field=field, message=f"unknown recipe {name!r}", type="value_error")])
     return Recipe.model_validate(row.body)

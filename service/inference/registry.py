@@ -69,6 +69,10 @@ class ServedModelHandle:
     leases: int = 0  # requests using it now; an evicted handle closes when the last one ends
     evicted: bool = False
 
+    @property
+    def max_positions(self) -> int:
+        return max_positions(self.model)
+
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return list(ids)

@@ -91,7 +91,7 @@ async def _serve(request: Request, api_key_id: int, name: str) -> AsyncIterator[
 
 
 def _encode_all(handle: ServedModelHandle, texts: list[str], field: str) -> list[list[int]]:
-    limit = int(handle.generation.runner.max_positions if handle.generation else handle.embedding.runner.max_positions)
+    limit = handle.max_positions
     out = []
     for i, text in enumerate(texts):
         ids = handle.encode(text)

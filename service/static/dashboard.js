@@ -151,13 +151,14 @@
       for (const [k, v] of Object.entries(state.metrics.get(job.id) || {})) if (typeof v === "number" && isFinite(v)) keys.add(k);
     }
     const all = Array.from(keys).sort();
-    // "fp_<metric>" is the unquantized model's value: drawn as a reference line on <metric>'s chart
-    const isReference = (k) => k.startsWith("fp_") && keys.has(k.slice(3));
+    // "fp_<x>" is the unquantized model's value of "<x>" / "quant_<x>": a reference line on that chart
+    const referenceOf = (k) => "fp_" + k.replace(/^quant_/, "");
+    const references = new Set(all.filter((k) => !k.startsWith("fp_")).map(referenceOf).filter((r) => keys.has(r)));
     const chosen = [];
     for (const pref of PREFERRED) {
       for (const k of all) {
-        if (pref.re.test(k) && !isReference(k) && !chosen.some((c) => c.key === k)) {
-          chosen.push({ key: k, lowerBetter: pref.lowerBetter, reference: keys.has("fp_" + k) ? "fp_" + k : null });
+        if (pref.re.test(k) && !references.has(k) && !chosen.some((c) => c.key === k)) {
+          chosen.push({ key: k, lowerBetter: pref.lowerBetter, reference: keys.has(referenceOf(k)) ? referenceOf(k) : null });
         }
       }
     }
