@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
                                 "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    worker = WorkerProcess(env, queues="cpu", concurrency=1, log_path=worker_log, name="demo@%h")
+    # -B: the worker also runs beat, so the reaper is active on this single-host stack
+    worker = WorkerProcess(env, queues="cpu", concurrency=1, log_path=worker_log, name="demo@%h", beat=True)
     base = f"http://127.0.0.1:{port}"
     headers = {"X-API-Key": api_key}
     try:

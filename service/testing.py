@@ -42,7 +42,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-c", str(concurrency),
                "-P", pool, "-n", self.name, "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
         if beat:
-            cmd.append("-B")
+            cmd += ["-B", "-s", str((log_path.parent if log_path else Path(".")) / "celerybeat-schedule")]
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         full_env = {**os.environ, **env}
