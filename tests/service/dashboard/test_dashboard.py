@@ -27,19 +27,26 @@ def _recipe(method: str, wbits: int, abits: int) -> dict:
     return {"method": {"name": method}, "weight": {"bits": wbits}, "activation": {"bits": abits}}
 
 
+def _metrics(quant_ppl: float, kl: float, top1: float, seconds: float, fp_ppl: float = 20.1) -> dict[str, float]:
+    """The metric keys quant.pipeline.run_quantization records for a causal LM."""
+    return {"fp_ppl": fp_ppl, "quant_ppl": quant_ppl, "ppl_increase_pct": 100 * (quant_ppl - fp_ppl) / fp_ppl,
+            "kl_mean": kl, "top1_agreement": top1, "calibration_seconds": seconds,
+            "size_bytes_fp": 1.0e6, "size_bytes_quant": 2.6e5}
+
+
 @pytest.fixture
 def seeded(tmp_path: Path) -> SeededApp:
     app = make_app(tmp_path)
     add_key(app, "alice")
     add_key(app, "bob")
     add_job(app, "alice", "rtn", MODEL, JobState.succeeded, 100, _recipe("rtn", 4, 8),
-            metrics={"perplexity": 31.5, "kl_divergence": 0.42, "fp_perplexity": 20.1, "calibration_seconds": 1.5})
+            metrics=_metrics(31.5, 0.42, 0.61, 1.5))
     add_job(app, "alice", "gptq", MODEL, JobState.succeeded, 100, _recipe("gptq", 4, 8), recipe_name="my-gptq",
-            metrics={"perplexity": 24.2, "kl_divergence": 0.18, "fp_perplexity": 20.1, "calibration_seconds": 9.0})
+            metrics=_metrics(24.2, 0.18, 0.83, 9.0))
     add_job(app, "alice", "quarot", MODEL, JobState.succeeded, 100, _recipe("quarot", 4, 4),
-            metrics={"perplexity": 27.9, "kl_divergence": 0.25, "fp_perplexity": 20.1, "calibration_seconds": 4.0})
+            metrics=_metrics(27.9, 0.25, 0.74, 4.0))
     add_job(app, "alice", "other", OTHER_MODEL, JobState.succeeded, 100, _recipe("rtn", 8, 8),
-            metrics={"perplexity": 55.0, "kl_divergence": 0.01})
+            metrics=_metrics(55.0, 0.01, 0.99, 0.5, fp_ppl=54.0))
     add_job(app, "alice", "running", MODEL, JobState.running, 40, _recipe("flatquant", 4, 4), message="block 3/8")
     add_job(app, "alice", "queued", MODEL, JobState.queued, 0, _recipe("smoothquant", 8, 8))
     add_job(app, "alice", "failed", MODEL, JobState.failed, 15, _recipe("osplus", 4, 4), message="out of memory")
@@ -117,16 +124,20 @@ def test_dashboard_renders_jobs_live_and_compares_metrics(seeded: SeededApp, bro
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#charts .chart svg rect.bar"))
         assert browser.find_element(By.ID, "compare-model").get_attribute("value") == MODEL
         charts = {c.get_attribute("data-metric"): c for c in browser.find_elements(By.CSS_SELECTOR, "#charts .chart")}
-        assert list(charts) == ["perplexity", "kl_divergence"]  # fp_perplexity is the reference line
-        reference = charts["perplexity"].find_element(By.CSS_SELECTOR, "line.reference")
+        # fp_ppl is drawn as the reference line of quant_ppl's chart, not as a chart of its own
+        assert list(charts) == ["ppl_increase_pct", "quant_ppl", "kl_mean", "top1_agreement"]
+        reference = charts["quant_ppl"].find_element(By.CSS_SELECTOR, "line.reference")
         assert float(reference.get_attribute("data-value")) == 20.1
-        bars = charts["perplexity"].find_elements(By.CSS_SELECTOR, "rect.bar")
+        bars = charts["quant_ppl"].find_elements(By.CSS_SELECTOR, "rect.bar")
         values = {b.get_attribute("data-job-id"): float(b.get_attribute("data-value")) for b in bars}
         assert values == {seeded.jobs["rtn"]: 31.5, seeded.jobs["gptq"]: 24.2, seeded.jobs["quarot"]: 27.9}
         widths = {b.get_attribute("data-job-id"): float(b.get_attribute("width")) for b in bars}
         assert widths[seeded.jobs["rtn"]] > widths[seeded.jobs["quarot"]] > widths[seeded.jobs["gptq"]]
         best = [b for b in bars if b.get_attribute("fill") == "#1f9d55"]
         assert [b.get_attribute("data-job-id") for b in best] == [seeded.jobs["gptq"]]  # lowest perplexity
+        top1 = charts["top1_agreement"].find_elements(By.CSS_SELECTOR, "rect.bar")
+        best = [b.get_attribute("data-job-id") for b in top1 if b.get_attribute("fill") == "#1f9d55"]
+        assert best == [seeded.jobs["gptq"]]  # highest agreement is best
         table_rows = browser.find_elements(By.CSS_SELECTOR, "#metrics-body tr")
         assert len(table_rows) == 3
 
@@ -140,7 +151,7 @@ def test_dashboard_renders_jobs_live_and_compares_metrics(seeded: SeededApp, bro
         from selenium.webdriver.support.ui import Select
 
         Select(browser.find_element(By.ID, "compare-model")).select_by_value(OTHER_MODEL)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#charts .chart[data-metric="perplexity"] rect.bar')) == 1)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#charts .chart[data-metric="quant_ppl"] rect.bar')) == 1)
 
 
 def test_dashboard_reports_a_bad_key(seeded: SeededApp, browser) -> None:

@@ -114,6 +114,7 @@ def make_app(tmp_path: Path, inference: dict[str, Any] | None = None) -> SeededA
     from service.inference.settings import InferenceSettings
     from service.settings import Settings
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'qaas.db'}",
         artifact_dir=tmp_path / "artifacts",
