@@ -177,3 +177,31 @@ def test_seeded_sampling_is_reproducible(qopt, char_tokenizer, seed: int) -> Non
     finally:
         engine.close()
     assert a == b and len(a) == 8
+
+
+def test_abandoned_request_leaves_the_batch(qllama, char_tokenizer) -> None:
+    """A client that stops reading (closed stream) is dropped at the next step; others go on."""
+    ids = char_tokenizer("abandon")["input_ids"]
+    long = SamplingParams(max_tokens=40, temperature=0.0)
+
+    async def run(engine: GenerationEngine) -> tuple[str, str]:
+        stream = engine.generate(ids, long)
+        keeper = asyncio.create_task(_collect(engine, ids, SamplingParams(max_tokens=12, temperature=0.0)))
+        got = ""
+        async for event in stream:
+            got += event.text
+            if len(got) >= 2:
+                break
+        await stream.aclose()  # what Starlette does when the client disconnects
+        text, _ = await keeper
+        return got, text
+
+    engine = _engine(qllama, char_tokenizer, 4, 20.0)
+    try:
+        got, kept = asyncio.run(run(engine))
+    finally:
+        engine.close()
+    assert len(got) >= 2 and len(kept) == 12
+    stats = engine.stats()
+    assert stats.decode_passes < 40  # the abandoned 40-token request did not run to its end
+    assert stats.batch_sizes[-1] == 1  # it left; the other one finished alone
