@@ -120,7 +120,8 @@ async def create_completion(body: CompletionRequest, key: ApiKeyDep, request: Re
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
-            events = _stream_events(handle, prompts, params, completion_id, created, body.model, stack)
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = _stream_events(handle, prompts, params, completion_id, created, body.model, include_usage, stack)
             handed_to_stream = True  # the stream releases the model lease when it ends
             return StreamingResponse(
                 events,
@@ -169,10 +170,11 @@ async def _stream_events(
     completion_id: str,
     created: int,
     model: str,
+    include_usage: bool,
     lease: AsyncExitStack,
 ) -> AsyncIterator[str]:
     """OpenAI chunk stream: one chunk per text delta (per prompt index), a final chunk per prompt with
-    its finish_reason, a usage chunk, then ``data: [DONE]``."""
+    its finish_reason, a usage chunk (only with ``stream_options.include_usage``), then ``data: [DONE]``."""
     assert handle.generation is not None
     merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -202,12 +204,13 @@ async def _stream_events(
                 yield _sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error"}})
                 break
         else:
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
-            yield _sse(CompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage))
+            if include_usage:
+                usage = Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                )
+                yield _sse(CompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage))
         yield "data: [DONE]\n\n"
     finally:
         for task in tasks:

@@ -18,6 +18,10 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="send a last chunk with usage and no choices before [DONE]")
+
+
 class CompletionRequest(_Request):
     model: str = Field(..., min_length=1, max_length=256, description="job id or served-model name")
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
@@ -27,8 +31,15 @@ class CompletionRequest(_Request):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     n: Literal[1] = Field(1, description="only one completion per prompt is supported")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = Field(None, max_length=256)
+    # OpenAI parameters accepted at their no-op values only (some clients always send them)
+    echo: Literal[False] = False
+    best_of: Literal[1] = 1
+    logprobs: None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
 
     @field_validator("prompt")
     @classmethod

@@ -76,7 +76,8 @@ def test_sampling_with_seed_is_reproducible(served) -> None:
 
 def test_stream_yields_openai_chunks_then_done(served) -> None:
     job_id = served.jobs["llama"]
-    body = {"model": job_id, "prompt": ["hello world", "xy"], "max_tokens": 7, "temperature": 0, "stream": True}
+    body = {"model": job_id, "prompt": ["hello world", "xy"], "max_tokens": 7, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     with served.client.stream("POST", "/v1/completions", json=body, headers=served.headers("alice")) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -98,3 +99,17 @@ def test_stream_yields_openai_chunks_then_done(served) -> None:
     assert sum(1 for c in chunks[:-1] if c["choices"][0]["text"]) > 2  # really incremental
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 14
+
+
+def test_stream_without_usage_and_openai_noop_defaults(served) -> None:
+    """Without stream_options every chunk has a choice (as OpenAI's); clients that always send the
+    no-op defaults of unsupported parameters are accepted."""
+    body = {"model": served.jobs["llama"], "prompt": "abc", "max_tokens": 3, "temperature": 0, "stream": True,
+            "echo": False, "best_of": 1, "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0.0}
+    with served.client.stream("POST", "/v1/completions", json=body, headers=served.headers("alice")) as r:
+        assert r.status_code == 200
+        events = parse_sse(r.read().decode())
+    assert events[-1] == "[DONE]"
+    assert all(len(c["choices"]) == 1 and c.get("usage") is None for c in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == greedy_reference(served.models["llama"], "abc", 3)

@@ -22,6 +22,10 @@ def _post(served, path: str, body: dict, owner: str | None = "alice", headers: d
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logit_bias": {}}, "logit_bias"),
         ({"stream": "sometimes"}, "stream"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"echo": True}, "echo"),
+        ({"logprobs": 5}, "logprobs"),
+        ({"stream_options": {"include_usage": True, "other": 1}}, "stream_options"),
     ],
 )
 def test_invalid_completion_fields_are_422_naming_the_field(served, patch: dict, field: str) -> None:
