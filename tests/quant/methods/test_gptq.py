@@ -82,3 +82,29 @@ def test_linears_outside_blocks_fall_back_to_rtn() -> None:
     assert "output_rel_err" in done["model.layers.0.mlp.down_proj"].quant_stats
     assert done["lm_head"].quant_stats == {"rtn_fallback": 1.0}
     assert isinstance(model.lm_head, QuantLinear)
+
+
+def test_gptq_with_online_transform() -> None:
+    """A method that folds an orthogonal transform into a linear gets GPTQ on the transformed inputs."""
+    from quant.methods.common import quantize_linears
+    from quant.models.adapters import get_adapter
+    from quant.transforms.hadamard import HadamardTransform
+
+    fp, model = make_tiny_llama(), make_tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    lin = model.get_submodule(name)
+    t = HadamardTransform(lin.in_features, signs=torch.randint(0, 2, (lin.in_features,)).float() * 2 - 1)
+    with torch.no_grad():
+        lin.weight.copy_(t.fold_into_weight(lin.weight))
+    calib = make_calibration()
+    body = get_preset("gptq-w8a8").to_dict()
+    body["activation"] = {"bits": 16}
+    done = quantize_linears(model, get_adapter(model), Recipe.model_validate(body), transforms={name: t},
+                            calibration=calib)
+    layer = done[name]
+    assert layer.transform is t and 0.0 < layer.quant_stats["output_rel_err"] < 1e-3
+    ids = calib.input_ids[:2]
+    with torch.no_grad():
+        ref = fp(ids).logits
+        rel = float((model(ids).logits - ref).norm() / ref.norm())
+    assert rel < 0.02, rel

@@ -91,3 +91,20 @@ def test_lazy_batches_match_column_by_column(act_order: bool) -> None:
                                gptq=GPTQSpec(block_size=block_size, act_order=act_order))
         codes.append(gptq_quantize(W, H, spec).codes)
     assert torch.equal(codes[0], codes[1]) and torch.equal(codes[0], codes[2])
+
+
+def test_hessian_of_transformed_inputs_with_padding_mask() -> None:
+    from quant.quantizers.gptq import HessianAccumulator
+    from quant.transforms.hadamard import HadamardTransform
+
+    g = torch.Generator().manual_seed(6)
+    t = HadamardTransform(16, signs=torch.randint(0, 2, (16,), generator=g).float() * 2 - 1)
+    x = torch.randn(2, 5, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    acc = HessianAccumulator(16, torch.device("cpu"), t)
+    acc.add(x, mask)
+    kept = x[mask.bool()]  # 8 unpadded tokens
+    T = t.matrix(torch.float32)
+    expected = 2.0 * T.T @ kept.T @ kept @ T / 8
+    assert acc.count == 8
+    torch.testing.assert_close(acc.hessian(), expected, atol=1e-4, rtol=1e-4)
