@@ -84,6 +84,7 @@ def _env(settings: Settings) -> dict[str, str]:
         "QAAS_HEARTBEAT_STALE_SECONDS": str(settings.heartbeat_stale_seconds),
         "QAAS_PROGRESS_MIN_INTERVAL_SECONDS": "0.2",
         "QAAS_WORKER_THREADS": "1",
+        "QAAS_REAPER_INTERVAL_SECONDS": "1",
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }
@@ -100,9 +101,9 @@ def api(stack_settings: Settings, worker_redis) -> Iterator[tuple[TestClient, di
     worker_redis.delete("cpu", "gpu")
 
 
-def _start(settings: Settings, folder: Path, name: str) -> WorkerProcess:
+def _start(settings: Settings, folder: Path, name: str, beat: bool = False) -> WorkerProcess:
     return WorkerProcess(_env(settings), queues="cpu", concurrency=1, log_path=folder / f"{name}.log",
-                         name=f"{name}-{uuid.uuid4().hex[:6]}@%h")
+                         name=f"{name}-{uuid.uuid4().hex[:6]}@%h", beat=beat)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +120,8 @@ def start_worker(stack_settings: Settings, tmp_path: Path):  # type: ignore[no-u
     the shared worker exists (which would otherwise compete for its job and fail its assertions)."""
     started: list[WorkerProcess] = []
 
-    def start(name: str) -> WorkerProcess:
-        started.append(_start(stack_settings, tmp_path, name))
+    def start(name: str, beat: bool = False) -> WorkerProcess:
+        started.append(_start(stack_settings, tmp_path, name, beat))
         return started[-1]
 
     yield start
@@ -139,11 +140,9 @@ def _job(client: TestClient, auth: dict[str, str], job_id: str) -> dict[str, Any
 
 
 def _wait_terminal(client: TestClient, auth: dict[str, str], job_id: str, worker: WorkerProcess,
-                   timeout: float = 240, reap: bool = False, admin: str | None = None) -> dict[str, Any]:
+                   timeout: float = 240) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         assert worker.alive(), worker.log_tail()
-        if reap:
-            client.post("/v1/admin/reap", headers={"X-Admin-Token": admin or ""})
         job = _job(client, auth, job_id)
         return job if job["state"] in ("succeeded", "failed", "cancelled") else None
 
@@ -169,9 +168,8 @@ def test_sigkill_of_the_whole_worker_requeues_and_finishes(api, start_worker, st
     first.proc.wait(10)
     assert _job(client, auth, job_id)["state"] == "running"  # nobody has noticed yet
 
-    second = start_worker("rescuer")
-    job = _wait_terminal(client, auth, job_id, second, reap=True,
-                         admin=stack_settings.admin_token.get_secret_value())
+    second = start_worker("rescuer", beat=True)  # its embedded beat runs the reaper every second
+    job = _wait_terminal(client, auth, job_id, second)
     assert job["state"] == "succeeded", (job["error"], second.log_tail())
     assert job["attempts"] == 2
     assert client.get(f"/v1/jobs/{job_id}/artifact", headers=auth).status_code == 200

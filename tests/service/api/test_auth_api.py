@@ -71,6 +71,15 @@ def test_admin_routes_need_the_admin_token(client: TestClient, auth: dict[str, s
     assert r.status_code == 401
 
 
+def test_admin_reap_endpoint_reports(client: TestClient, settings: Settings) -> None:
+    assert settings.admin_token is not None
+    r = client.post("/v1/admin/reap", headers={"X-Admin-Token": settings.admin_token.get_secret_value()})
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"expired", "requeued", "exhausted"}
+    assert all(isinstance(v, list) for v in r.json().values())
+    assert client.post("/v1/admin/reap").status_code == 401
+
+
 def test_log_filter_redacts_keys(auth: dict[str, str]) -> None:
     key = auth["X-API-Key"]
     record = logging.LogRecord("t", logging.INFO, __file__, 1, "got header %s", (key,), None)
