@@ -98,7 +98,10 @@ def api(stack_settings: Settings, worker_redis) -> Iterator[tuple[TestClient, di
                         headers={"X-Admin-Token": stack_settings.admin_token.get_secret_value()})
         assert r.status_code == 201
         yield client, {"X-API-Key": r.json()["api_key"]}
-    worker_redis.delete("cpu", "gpu")
+    # leave Redis as found: queues, messages of killed workers, task results
+    worker_redis.delete("cpu", "gpu", "unacked", "unacked_index", "unacked_mutex")
+    for key in worker_redis.scan_iter("celery-task-meta-*"):
+        worker_redis.delete(key)
 
 
 def _start(settings: Settings, folder: Path, name: str, beat: bool = False) -> WorkerProcess:
