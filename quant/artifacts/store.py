@@ -122,15 +122,20 @@ def _clean_config(config: Any, tied: list[list[str]]) -> dict[str, Any]:
 
 
 def _copy_tokenizer(folder: Path, tokenizer: Any | None, tokenizer_source: Path | None) -> list[str]:
-    before = {p.name for p in folder.iterdir()}
+    """Save (or copy) the tokenizer files into ``folder``; returns their names."""
+    names: set[str] = set()
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(folder))
+        for saved in tokenizer.save_pretrained(str(folder)) or ():
+            path = Path(saved)
+            if path.is_file() and path.parent.resolve() == folder.resolve():
+                names.add(path.name)
     elif tokenizer_source is not None and Path(tokenizer_source).is_dir():
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_source) / name
             if src.is_file():
                 shutil.copy2(src, folder / name)
-    return sorted({p.name for p in folder.iterdir()} - before - {WEIGHTS_FILE, MANIFEST_FILE})
+                names.add(name)
+    return sorted(names - {WEIGHTS_FILE, MANIFEST_FILE})
 
 
 def save_artifact(

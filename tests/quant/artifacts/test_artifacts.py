@@ -143,3 +143,13 @@ def test_untied_by_method_stays_untied(tmp_path: Path) -> None:
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, q(ids).logits, rtol=0, atol=0)
+
+
+def test_resave_into_same_folder_keeps_tokenizer_list(tmp_path: Path) -> None:
+    tok = _bert_tokenizer(tmp_path)
+    recipe = get_preset("rtn-w8a8")
+    q = get_method("rtn").calibrate(make_tiny_bert(layers=1), make_calibration(), recipe)
+    first = save_artifact(q, tmp_path / "a", ArtifactManifest(base_model_id="tiny", recipe=recipe), tokenizer=tok)
+    second = save_artifact(q, tmp_path / "a", ArtifactManifest(base_model_id="tiny", recipe=recipe), tokenizer=tok)
+    assert first.tokenizer_files == second.tokenizer_files and "tokenizer_config.json" in second.tokenizer_files
+    assert first.weights_sha256 == second.weights_sha256  # deterministic serialisation
