@@ -130,6 +130,11 @@ class _WorkerThread:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is still alive (it exits after close() once its work is done)."""
+        return self._thread.is_alive()
+
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop accepting work; the thread finishes what it holds and exits."""
         with self._cv:

@@ -86,3 +86,17 @@ def test_evicted_model_closes_only_after_its_last_request(tmp_path) -> None:
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_app_shutdown_closes_the_engines(tmp_path) -> None:
+    seeded = make_app(tmp_path)
+    add_key(seeded, "alice")
+    save_model_artifact("opt", tmp_path / "opt")
+    add_job(seeded, "alice", "opt", "qaas/tiny-opt", JobState.succeeded, 100, artifact=tmp_path / "opt")
+    with TestClient(seeded.app) as client:
+        r = client.post("/v1/completions", headers=seeded.headers("alice"),
+                        json={"model": seeded.jobs["opt"], "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+        engine = seeded.app.state.inference_registry.peek(seeded.jobs["opt"]).generation
+        assert not engine.closed
+    assert engine.closed and not engine.running  # the router's lifespan shut it down
