@@ -6,3 +6,4 @@ from quant.methods import smoothquant  # noqa: F401
 from quant.methods import osplus  # noqa: F401
 from quant.methods import flatquant  # noqa: F401
 from quant.methods import quarot  # noqa: F401
+from quant.methods import ostquant  # noqa: F401
