@@ -175,6 +175,122 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_kernel(
   }
 }
 
+// W8A8 (both operands int8 codes): cp.async 16-byte copies straight into a kStages-deep shared ring
+// (zero-fill past M / N), the unsigned->signed flip (^0x80) applied to the ldmatrix fragments.
+constexpr int kStages = 4;
+constexpr int kStageBytes = (BM + BN) * kLd;
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N_>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N_)); }
+
+__global__ void __launch_bounds__(kGemmThreads) int8_gemm_async_kernel(
+    const uint8_t* __restrict__ A, const float* __restrict__ a_scale, const uint8_t* __restrict__ W,
+    const float* __restrict__ w_scale, const half* __restrict__ bias, half* __restrict__ out, int M, int N, int K) {
+  extern __shared__ __align__(16) uint8_t gsm[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp_m = warp >> 2, warp_n = warp & 3;
+  const int bm = blockIdx.y * BM, bn = blockIdx.x * BN;
+  const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(gsm);
+  const int KT = K / BK;
+
+  auto load_stage = [&](int stage, int kt) {
+    const uint32_t sa = smem0 + stage * kStageBytes;
+    const uint32_t sb = sa + BM * kLd;
+    const int k0 = kt * BK;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = threadIdx.x + i * kGemmThreads;
+      const int row = c >> 2, col = (c & 3) * 16;
+      const int ga = min(bm + row, M - 1), gb = min(bn + row, N - 1);
+      cp_async16(sa + row * kLd + col, A + (size_t)ga * K + k0 + col, bm + row < M);
+      cp_async16(sb + row * kLd + col, W + (size_t)gb * K + k0 + col, bn + row < N);
+    }
+  };
+
+  int acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < KT) load_stage(st, st);
+    cp_async_commit();
+  }
+  const int a_row = lane & 15, a_col = (lane >> 4) * 16;
+  const int b_row = (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 16;
+
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    {
+      const int nk = kt + kStages - 1;
+      if (nk < KT) load_stage(nk % kStages, nk);
+      cp_async_commit();
+    }
+    const uint32_t sa_base = smem0 + (kt % kStages) * kStageBytes;
+    const uint32_t sb_base = sa_base + BM * kLd;
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 32) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int r = warp_m * 64 + mi * 16 + a_row;
+        ldmatrix_x4(sa_base + r * kLd + ks + a_col, af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) af[mi][e] ^= 0x80808080u;
+      }
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        const int r = warp_n * 32 + nj * 16 + b_row;
+        ldmatrix_x4(sb_base + r * kLd + ks + b_col, bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0], bf[2 * nj + 1][1]);
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        bf[ni][0] ^= 0x80808080u;
+        bf[ni][1] ^= 0x80808080u;
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+          mma_s8(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[ni][0], bf[ni][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int ni = 0; ni < 4; ++ni) {
+    const int col = bn + warp_n * 32 + ni * 8 + tig * 2;
+    if (col >= N) continue;
+    const float ws0 = __ldg(w_scale + col), ws1 = __ldg(w_scale + col + 1);
+    const float b0 = bias ? __half2float(bias[col]) : 0.f;
+    const float b1 = bias ? __half2float(bias[col + 1]) : 0.f;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = bm + warp_m * 64 + mi * 16 + g + hf * 8;
+        if (row < M) {
+          const float as = __ldg(a_scale + row);
+          const float v0 = (float)acc[mi][ni][2 * hf] * as * ws0 + b0;
+          const float v1 = (float)acc[mi][ni][2 * hf + 1] * as * ws1 + b1;
+          *reinterpret_cast<half2*>(out + (size_t)row * N + col) = __floats2half2_rn(v0, v1);
+        }
+      }
+    }
+  }
+}
+
 // Separate epilogue for the torch._int_mm baseline: int32 [M, N] -> fp16 with the same scaling.
 __global__ void scale_epilogue_kernel(const int* __restrict__ acc, const float* __restrict__ a_scale,
                                       const float* __restrict__ w_scale, const half* __restrict__ bias,
@@ -228,8 +344,13 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor&
   int8_gemm_kernel<AB, WB><<<grid, kGemmThreads, 0, stream>>>(a.data_ptr<uint8_t>(), a_scale.data_ptr<float>(), \
                                                               w.data_ptr<uint8_t>(), w_scale.data_ptr<float>(), bp, op, \
                                                               (int)M, (int)N, (int)K)
-  if (a_bits == 8 && w_bits == 8) QAAS_GEMM(8, 8);
-  else if (a_bits == 8 && w_bits == 4) QAAS_GEMM(8, 4);
+  if (a_bits == 8 && w_bits == 8) {
+    const int smem = kStages * kStageBytes;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(int8_gemm_async_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int8_gemm_async_kernel<<<grid, kGemmThreads, smem, stream>>>(a.data_ptr<uint8_t>(), a_scale.data_ptr<float>(),
+                                                                 w.data_ptr<uint8_t>(), w_scale.data_ptr<float>(), bp, op,
+                                                                 (int)M, (int)N, (int)K);
+  } else if (a_bits == 8 && w_bits == 4) QAAS_GEMM(8, 4);
   else if (a_bits == 4 && w_bits == 4) QAAS_GEMM(4, 4);
   else QAAS_GEMM(4, 8);
 #undef QAAS_GEMM

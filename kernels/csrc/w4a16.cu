@@ -111,6 +111,146 @@ __global__ void __launch_bounds__(kGemvThreads) w4a16_gemv_kernel(
   }
 }
 
+// Tensor-core decode path (group_size % 128 == 0, K % 128 == 0): mma.sync m16n8k16 f16 x f16 -> f32.
+// A block of 4 warps owns 16 output rows and splits K between its warps. Lane (g, t) loads 16 bytes
+// (32 codes) of rows g and g+8 at k = 128*kb + 32*t, i.e. 4 lanes cover one 64-byte row segment
+// (full sectors). The mma k-slots are assigned to the data each lane already holds (the k order inside
+// an mma is free as long as A and B agree): per 32-bit word of codes, shift s in {0,4,8,12} yields the
+// half2 pair (e_{s/4}, e_{4+s/4}) via the 0x6400 magic number, and the activation fragment takes the
+// same pairs with one byte-permute. (u - z) is exact in fp16, products accumulate in fp32 per group and
+// the group scale is applied in fp32 once per 128-k block: no rounding of the weights.
+__device__ __forceinline__ uint32_t dq_pair(uint32_t w, int shift, uint32_t z2) {
+  const uint32_t h = ((w >> shift) & 0x000F000Fu) | 0x64006400u;
+  const half2 r = __hsub2(*reinterpret_cast<const half2*>(&h), *reinterpret_cast<const half2*>(&z2));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+__device__ __forceinline__ void mma_f16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaUnroll = 4;
+
+template <int NT>
+__global__ void __launch_bounds__(kMmaWarps * 32) w4a16_mma_kernel(
+    const half* __restrict__ x, const uint8_t* __restrict__ qw, const float* __restrict__ scale,
+    const float* __restrict__ zero, const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K,
+    int group_size) {
+  __shared__ float red[kMmaWarps][16][16];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int rA = min(n0 + g, N - 1), rB = min(n0 + g + 8, N - 1);
+  const int KB = K / 128, G = K / group_size;
+  const uint4* wA = reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
+  const uint4* wB = reinterpret_cast<const uint4*>(qw + (size_t)rB * (K / 2)) + t;
+  float acc[NT][4];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+
+  // Register double buffering: the next round's weight/scale loads are issued before this round's
+  // tensor-core work, so each warp keeps loads in flight while it computes.
+  uint4 va[kMmaUnroll], vb[kMmaUnroll], na[kMmaUnroll], nb[kMmaUnroll];
+  float sa[kMmaUnroll], sb[kMmaUnroll], nsa[kMmaUnroll], nsb[kMmaUnroll];
+  uint32_t za[kMmaUnroll], zb[kMmaUnroll], nza[kMmaUnroll], nzb[kMmaUnroll];
+  auto load_round = [&](int base, uint4* la, uint4* lb, float* lsa, float* lsb, uint32_t* lza, uint32_t* lzb) {
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {
+      const int kb = base + u;
+      if (kb < KB) {
+        la[u] = __ldg(wA + kb * 4);
+        lb[u] = __ldg(wB + kb * 4);
+        const int grp = (kb * 128) / group_size;
+        lsa[u] = __ldg(scale + (size_t)rA * G + grp);
+        lsb[u] = __ldg(scale + (size_t)rB * G + grp);
+        const half2 z2a = __float2half2_rn(1024.f + __ldg(zero + (size_t)rA * G + grp));
+        const half2 z2b = __float2half2_rn(1024.f + __ldg(zero + (size_t)rB * G + grp));
+        lza[u] = *reinterpret_cast<const uint32_t*>(&z2a);
+        lzb[u] = *reinterpret_cast<const uint32_t*>(&z2b);
+      }
+    }
+  };
+  constexpr int kStride = kMmaWarps * kMmaUnroll;
+  load_round(warp * kMmaUnroll, va, vb, sa, sb, za, zb);
+  for (int kb0 = warp * kMmaUnroll; kb0 < KB; kb0 += kStride) {
+    if (kb0 + kStride < KB) load_round(kb0 + kStride, na, nb, nsa, nsb, nza, nzb);
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {
+      const int kb = kb0 + u;
+      if (kb >= KB) break;
+      float part[NT][4];
+      uint4 xv[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int b = nt * 8 + g;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)b * K + kb * 128 + t * 32);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xv[nt][q] = b < B ? __ldg(xp + q) : make_uint4(0u, 0u, 0u, 0u);
+      }
+      const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va[u]);
+      const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb[u]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+          const uint32_t a0 = dq_pair(wa[q], 8 * sub, za[u]);
+          const uint32_t a2 = dq_pair(wa[q], 8 * sub + 4, za[u]);
+          const uint32_t a1 = dq_pair(wb[q], 8 * sub, zb[u]);
+          const uint32_t a3 = dq_pair(wb[q], 8 * sub + 4, zb[u]);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[nt][q]);
+            const uint32_t b0 = __byte_perm(xw[sub], xw[sub + 2], 0x5410);
+            const uint32_t b1 = __byte_perm(xw[sub], xw[sub + 2], 0x7632);
+            mma_f16(part[nt], a0, a1, a2, a3, b0, b1);
+          }
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        acc[nt][0] = fmaf(sa[u], part[nt][0], acc[nt][0]);
+        acc[nt][1] = fmaf(sa[u], part[nt][1], acc[nt][1]);
+        acc[nt][2] = fmaf(sb[u], part[nt][2], acc[nt][2]);
+        acc[nt][3] = fmaf(sb[u], part[nt][3], acc[nt][3]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {
+      va[u] = na[u]; vb[u] = nb[u]; sa[u] = nsa[u]; sb[u] = nsb[u]; za[u] = nza[u]; zb[u] = nzb[u];
+    }
+  }
+  // C fragment: c0 (row g, col 2t), c1 (row g, col 2t+1), c2 (row g+8, col 2t), c3 (row g+8, col 2t+1).
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    red[warp][g][nt * 8 + 2 * t] = acc[nt][0];
+    red[warp][g][nt * 8 + 2 * t + 1] = acc[nt][1];
+    red[warp][g + 8][nt * 8 + 2 * t] = acc[nt][2];
+    red[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) {
+    const int r = i >> 4, b = i & 15;
+    const int n = n0 + r;
+    if (b < B && b < NT * 8 && n < N) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) v += red[w][r][b];
+      if (bias) v += __half2float(bias[n]);
+      out[(size_t)b * N + n] = __float2half(v);
+    }
+  }
+}
+
 // Dequantise int4 codes to fp16 [N, K]: each thread expands one 16-byte chunk (32 weights).
 __global__ void dequant_w4_kernel(const uint8_t* __restrict__ qw, const float* __restrict__ scale,
                                   const float* __restrict__ zero, half* __restrict__ out, int N, int K,
@@ -159,6 +299,8 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
   check_w4(qw, scale, zero, K, group_size);
   TORCH_CHECK(M <= 16, "w4a16 gemv handles at most 16 rows; use dequant + matmul for more");
+  TORCH_CHECK((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 && (reinterpret_cast<uintptr_t>(qw.data_ptr()) & 15) == 0,
+              "w4a16: x and qweight must be 16-byte aligned");
   const half* bp = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(), "w4a16: bias must be fp16 [N]");
@@ -166,11 +308,24 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::
   }
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  const int rows_per_block = (kGemvThreads / 32) * kRows;
-  const int grid = (int)((N + rows_per_block - 1) / rows_per_block);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const half* xp = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
   half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+  if (K % 128 == 0 && group_size % 128 == 0) {
+    const int grid = (int)((N + 15) / 16);
+    if (M <= 8)
+      w4a16_mma_kernel<1><<<grid, kMmaWarps * 32, 0, stream>>>(xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                                                              zero.data_ptr<float>(), bp, op, (int)M, (int)N, (int)K,
+                                                              (int)group_size);
+    else
+      w4a16_mma_kernel<2><<<grid, kMmaWarps * 32, 0, stream>>>(xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                                                              zero.data_ptr<float>(), bp, op, (int)M, (int)N, (int)K,
+                                                              (int)group_size);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+  const int rows_per_block = (kGemvThreads / 32) * kRows;
+  const int grid = (int)((N + rows_per_block - 1) / rows_per_block);
 #define QAAS_GEMV(NB_)                                                                                          \
   w4a16_gemv_kernel<NB_><<<grid, kGemvThreads, 0, stream>>>(xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), \
                                                             zero.data_ptr<float>(), bp, op, (int)M, (int)N, (int)K, \

@@ -70,7 +70,7 @@ def test_act_quant(bits: int, mode: int, k: int, hb: int, n1: int) -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8, 16])
-@pytest.mark.parametrize("k,n,group", [(4096, 4096, 128), (11008, 512, 128), (512, 1000, 32)])
+@pytest.mark.parametrize("k,n,group", [(4096, 4096, 128), (11008, 512, 128), (1024, 1000, 256), (512, 1000, 32)])
 def test_w4a16_gemv(tokens: int, k: int, n: int, group: int) -> None:
     gen = torch.Generator().manual_seed(tokens * 7 + k + n)
     qw = _rand_codes((n, k), 4, gen)
