@@ -153,7 +153,9 @@ def save_artifact(
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(standalone_state_dict(model), str(tmp), metadata={"format": "pt", "qaas_format": str(FORMAT_VERSION)})
+    # one metadata key only: safetensors writes metadata from a hash map, so several keys come out in a
+    # random order and the file hash would differ between saves of the same model
+    save_file(standalone_state_dict(model), str(tmp), metadata={"format": "pt"})
     os.replace(tmp, weights)
     tok_files = _copy_tokenizer(folder, tokenizer, Path(tokenizer_source) if tokenizer_source else None)
     report = getattr(model, "quant_report", None)
