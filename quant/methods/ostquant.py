@@ -17,7 +17,7 @@ Fixed: the online Hadamard before ``down_proj`` / ``fc2`` (``W <- W H``, ``Hadam
 ``QuantLinear``) and the head-dim Hadamard on queries/keys for KV quantization (KV quantizer,
 ``rotate=True``).
 
-Rotations start from random Hadamard matrices and move on the Stiefel manifold with Cayley SGD
+Rotations start from QuaRot's (random Hadamard ``R1``, Hadamard ``R2``) and move on the Stiefel manifold with Cayley SGD
 (Li et al. 2020: ``X <- (I + t/2 A)^{-1} (I - t/2 A) X`` with ``A = G X^T - X G^T`` and step
 ``t = min(lr, 1 / ||A||)``, exactly orthogonal up to rounding); scales are trained in log space with
 Adam. Loss: with ``end_to_end`` the KL-Top divergence (KL between the FP and the fake-quantized model's
@@ -53,7 +53,7 @@ from quant.modules.kv_cache import ATTENTION_NAME, attach_kv_quantizer, detach_k
 from quant.quantizers.core import fake_quantize
 from quant.quantizers.weight import group_size_for, scale_zero_for_weight
 from quant.recipes.schema import OSTQuantParams, Recipe, WeightQuantSpec
-from quant.transforms.hadamard import HadamardTransform, fwht, random_hadamard
+from quant.transforms.hadamard import HadamardTransform, fwht, hadamard_matrix, random_hadamard
 
 F64 = torch.float64
 QSUR_TOKENS = 2048
@@ -116,16 +116,16 @@ def build_plan(adapter: ModelAdapter) -> ModelPlan:
 
 # ----------------------------------------------------------------------------- learnable state
 class OSTState(nn.Module):
-    """R1, per-block R2 and the log-scales; identity scales and random-Hadamard rotations at init."""
+    """R1, per-block R2 and the log-scales. Init: unit scales, ``R1`` the random Hadamard QuaRot uses
+    for ``seed`` and ``R2`` the plain head Hadamard, i.e. exactly QuaRot's rotation (its start point)."""
 
     def __init__(self, model: nn.Module, plan: ModelPlan, hidden: int, seed: int = 0) -> None:
         super().__init__()
         ref = model.get_parameter(f"{plan.lm_head}.weight")
         kw = {"dtype": torch.float32, "device": ref.device}
         self.r1 = nn.Parameter(random_hadamard(hidden, seed, **kw))
-        self.r2 = nn.ParameterList(
-            [nn.Parameter(random_hadamard(b.head_dim, seed + 1 + b.index, **kw)) for b in plan.blocks]
-        )
+        # R2 starts from the plain head Hadamard QuaRot folds, so the untrained state *is* QuaRot
+        self.r2 = nn.ParameterList([nn.Parameter(hadamard_matrix(b.head_dim, **kw)) for b in plan.blocks])
         self.log_s_attn = nn.ParameterList([nn.Parameter(torch.zeros(hidden, **kw)) for _ in plan.blocks])
         self.log_s_mlp = nn.ParameterList([nn.Parameter(torch.zeros(hidden, **kw)) for _ in plan.blocks])
         self.log_s_v = nn.ParameterList(
