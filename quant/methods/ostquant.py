@@ -268,12 +268,21 @@ def kl_top_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: i
     return (kl * m).sum() / m.sum().clamp(min=1.0)
 
 
-def blockwise_mse_loss(teacher_hidden: tuple[torch.Tensor, ...], student_hidden: tuple[torch.Tensor, ...], r1: torch.Tensor) -> torch.Tensor:
-    """Sum over blocks of the normalised MSE between the quantized block outputs and the rotated FP ones."""
+def blockwise_mse_loss(
+    teacher_hidden: tuple[torch.Tensor, ...],
+    student_hidden: tuple[torch.Tensor, ...],
+    r1: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over blocks of the normalised MSE between the quantized block outputs and the rotated FP
+    ones (padding positions, where ``mask == 0``, excluded)."""
     total = student_hidden[0].new_zeros((), dtype=torch.float32)
+    keep = None if mask is None else mask.bool()
     for t, s in zip(teacher_hidden[1:], student_hidden[1:]):
-        target = t.float() @ r1
-        total = total + (s.float() - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+        target, pred = t.float() @ r1, s.float()
+        if keep is not None:
+            target, pred = target[keep], pred[keep]
+        total = total + (pred - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
     return total
 
 
@@ -286,10 +295,14 @@ def linear_input_qsur(
     transforms: dict[str, nn.Module] | None = None,
     max_tokens: int = QSUR_TOKENS,
 ) -> dict[str, QSUR]:
-    """QSUR of every block linear's input (one block at a time; linears of a group share it)."""
+    """QSUR of every block linear's input (one block at a time; linears of a group share it).
+
+    Rows are tokens (padding excluded) up to about ``max_tokens``; inputs of linears with an online
+    transform are measured after it, as the activation quantizer sees them."""
     transforms = transforms or {}
     device = next(model.parameters()).device
     result: dict[str, QSUR] = {}
+    current: dict[str, torch.Tensor | None] = {"keep": None}
     for block in adapter.iter_blocks():
         moments: dict[str, Moments] = {}
         hooks = []
@@ -302,11 +315,15 @@ def linear_input_qsur(
 
             def hook(mod: nn.Module, args: tuple, m: Moments = m, t: nn.Module | None = t) -> None:
                 x = args[0]
+                keep = current["keep"]
+                if keep is not None and keep.shape == x.shape[:-1]:
+                    x = x[keep]
                 m.update(t(x) if t is not None else x)
 
             hooks.append(model.get_submodule(first).register_forward_pre_hook(hook))
         try:
             for ids, mask in calibration.batches(device):
+                current["keep"] = None if mask is None else mask.bool()
                 model(ids, attention_mask=mask, use_cache=False)
                 if next(iter(moments.values())).count >= max_tokens:
                     break
@@ -401,7 +418,7 @@ def train_transforms(
                     if kv:
                         model.config._attn_implementation = base_impl
                 if mse:
-                    loss = blockwise_mse_loss(teacher.hidden_states, student.hidden_states, state.r1)
+                    loss = blockwise_mse_loss(teacher.hidden_states, student.hidden_states, state.r1, mask)
                 else:
                     loss = kl_top_loss(teacher.logits, student.logits, params.kl_top_k, mask)
                 state.zero_grad(set_to_none=True)

@@ -39,6 +39,7 @@ def _recipe(w: int = 4, a: int = 4, kv: int = 16, **method: object) -> Recipe:
 
 
 def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach(), out.detach()
     return float(F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean())
 
 
@@ -176,3 +177,28 @@ def test_recipe_round_trips_through_yaml_and_json() -> None:
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     assert Recipe.from_json(recipe.canonical_json()) == recipe
     assert recipe.bits_label == "W4A4KV4"
+
+
+def test_padding_is_excluded_from_qsur_and_losses() -> None:
+    from quant.calibration.data import CalibrationData
+    from quant.methods.ostquant import blockwise_mse_loss, linear_input_qsur
+
+    model = make_tiny_llama()
+    ids = make_calibration(num_samples=4, seq_len=32).input_ids
+    mask = torch.ones_like(ids)
+    mask[:, 24:] = 0
+    padded = ids.clone()
+    padded[:, 24:] = 7  # garbage behind the mask
+    adapter = get_adapter(model)
+    a = linear_input_qsur(model, adapter, CalibrationData(ids[:, :24].contiguous(), batch_size=4))
+    b = linear_input_qsur(model, adapter, CalibrationData(padded, attention_mask=mask, batch_size=4))
+    name = "model.layers.1.mlp.down_proj"
+    assert a[name].tokens == b[name].tokens == 4 * 24
+    assert a[name].log_value == pytest.approx(b[name].log_value, rel=1e-4)
+    # hidden-state tuples (embeddings, block outputs): equal except behind the mask
+    t, s_ = (torch.zeros(2, 5, 8), torch.ones(2, 5, 8)), (torch.zeros(2, 5, 8), torch.ones(2, 5, 8))
+    s_[1][:, 3:] = 100.0
+    m = torch.ones(2, 5, dtype=torch.long)
+    m[:, 3:] = 0
+    assert float(blockwise_mse_loss(t, s_, torch.eye(8), m)) == pytest.approx(0.0)
+    assert float(blockwise_mse_loss(t, s_, torch.eye(8))) > 1.0
