@@ -146,13 +146,13 @@ class OSTState(nn.Module):
         return [*self.log_s_attn, *self.log_s_mlp, *self.log_s_v, *self.log_s_up.values()]
 
 
-def _base(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_parameter(name).detach().float()
+def _base(model: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    return model.get_parameter(name).detach().to(dtype)
 
 
-def _maybe_bias(model: nn.Module, linear: str) -> torch.Tensor | None:
+def _maybe_bias(model: nn.Module, linear: str, dtype: torch.dtype) -> torch.Tensor | None:
     b = model.get_submodule(linear).bias
-    return None if b is None else b.detach().float()
+    return None if b is None else b.detach().to(dtype)
 
 
 def fake_quantize_weight(weight: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
@@ -176,56 +176,60 @@ def transformed_params(
     state: OSTState,
     online: set[str],
     weight_quant: dict[str, WeightQuantSpec] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every parameter the transforms touch, as a differentiable function of ``state``.
 
     ``model`` holds the fused floating-point weights (never modified during training); ``online``
     names the MLP output projections with an online Hadamard (folded here as ``W H``);
+    ``compute_dtype`` (default float32; training passes the model's dtype when it is lower, to bound
+    memory; the final fold uses float64) is the arithmetic precision;
     ``weight_quant`` (name -> spec) fake-quantizes those weights with STE rounding (:func:`fake_quantize_weight`).
     """
-    r1 = state.r1
+    dt = compute_dtype or torch.float32
+    r1 = state.r1.to(dt)
     out: dict[str, torch.Tensor] = {}
     for name in plan.embeddings:
-        out[f"{name}.weight"] = _base(model, f"{name}.weight") @ r1
+        out[f"{name}.weight"] = _base(model, f"{name}.weight", dt) @ r1
     for i, b in enumerate(plan.blocks):
-        s_a, s_m, s_v = state.log_s_attn[i].exp(), state.log_s_mlp[i].exp(), state.log_s_v[i].exp()
-        r2 = state.r2[i]
+        s_a, s_m, s_v = (x[i].to(dt).exp() for x in (state.log_s_attn, state.log_s_mlp, state.log_s_v))
+        r2 = state.r2[i].to(dt)
         out[f"{b.attn_norm}.weight"] = 1.0 / s_a
         out[f"{b.mlp_norm}.weight"] = 1.0 / s_m
         for name in b.attn_in:
-            out[f"{name}.weight"] = (_base(model, f"{name}.weight") @ r1) * s_a
+            out[f"{name}.weight"] = (_base(model, f"{name}.weight", dt) @ r1) * s_a
         # values: rotate every head by R2, then divide by s_v
         wv = out[f"{b.value}.weight"].reshape(b.kv_heads, b.head_dim, -1)
         wv = torch.einsum("ji,kjc->kic", r2, wv).reshape(b.kv_heads * b.head_dim, -1)
         out[f"{b.value}.weight"] = wv / s_v.unsqueeze(1)
-        bv = _maybe_bias(model, b.value)
+        bv = _maybe_bias(model, b.value, dt)
         if bv is not None:
             out[f"{b.value}.bias"] = (bv.reshape(b.kv_heads, b.head_dim) @ r2).reshape(-1) / s_v
         # output projection: columns by R2 and s_v (repeated over each group's query heads), rows by R1
         s_o = s_v.reshape(b.kv_heads, b.head_dim).repeat_interleave(b.heads // b.kv_heads, dim=0).reshape(-1)
-        wo = _base(model, f"{b.out}.weight")
+        wo = _base(model, f"{b.out}.weight", dt)
         wo = (wo.reshape(wo.shape[0], b.heads, b.head_dim) @ r2).reshape(wo.shape) * s_o
         out[f"{b.out}.weight"] = r1.T @ wo
-        bo = _maybe_bias(model, b.out)
+        bo = _maybe_bias(model, b.out, dt)
         if bo is not None:
             out[f"{b.out}.bias"] = bo @ r1
         for name in b.mlp_in:
-            out[f"{name}.weight"] = (_base(model, f"{name}.weight") @ r1) * s_m
-        wd = _base(model, f"{b.down}.weight")
+            out[f"{name}.weight"] = (_base(model, f"{name}.weight", dt) @ r1) * s_m
+        wd = _base(model, f"{b.down}.weight", dt)
         if b.up is not None:
-            s_u = state.log_s_up[str(b.index)].exp()
+            s_u = state.log_s_up[str(b.index)].to(dt).exp()
             out[f"{b.up}.weight"] = out[f"{b.up}.weight"] / s_u.unsqueeze(1)
-            bu = _maybe_bias(model, b.up)
+            bu = _maybe_bias(model, b.up, dt)
             if bu is not None:
                 out[f"{b.up}.bias"] = bu / s_u
             wd = wd * s_u
         if b.down in online:
             wd = fwht(wd)  # W @ H (H symmetric)
         out[f"{b.down}.weight"] = r1.T @ wd
-        bd = _maybe_bias(model, b.down)
+        bd = _maybe_bias(model, b.down, dt)
         if bd is not None:
             out[f"{b.down}.bias"] = bd @ r1
-    out[f"{plan.lm_head}.weight"] = _base(model, f"{plan.lm_head}.weight") @ r1
+    out[f"{plan.lm_head}.weight"] = _base(model, f"{plan.lm_head}.weight", dt) @ r1
     for name, spec in (weight_quant or {}).items():
         key = f"{name}.weight"
         out[key] = fake_quantize_weight(out[key], spec)
@@ -236,8 +240,8 @@ def transformed_params(
 
 @torch.no_grad()
 def fold_state(model: nn.Module, plan: ModelPlan, state: OSTState, online: set[str]) -> None:
-    """Write the transformed floating-point weights into ``model``."""
-    for key, value in transformed_params(model, plan, state, online).items():
+    """Write the transformed floating-point weights into ``model`` (computed in float64)."""
+    for key, value in transformed_params(model, plan, state, online, compute_dtype=F64).items():
         model.get_parameter(key).data.copy_(value)
 
 
@@ -388,6 +392,8 @@ def train_transforms(
     assert isinstance(params, OSTQuantParams)
     device = state.r1.device
     weight_quant = {n: recipe.weight for n in quantized} if recipe.weight.enabled else {}
+    model_dtype = model.get_parameter(f"{plan.lm_head}.weight").dtype
+    compute_dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float32
     base_impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
     kv = attach_kv_quantizer(model, adapter, recipe.kv_cache, rotate=True) if recipe.kv_cache.enabled else {}
     if kv:
@@ -409,7 +415,7 @@ def train_transforms(
                     model.config._attn_implementation = ATTENTION_NAME
                 acts.active = True
                 try:
-                    p = transformed_params(model, plan, state, online, weight_quant)
+                    p = transformed_params(model, plan, state, online, weight_quant, compute_dtype)
                     student = functional_call(
                         model, p, (ids,), {"attention_mask": mask, "use_cache": False, "output_hidden_states": mse}
                     )
