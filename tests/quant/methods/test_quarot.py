@@ -91,11 +91,11 @@ def test_rotation_removes_activation_outliers() -> None:
     model = make_tiny_llama()
     ids = make_calibration(num_samples=4).input_ids
     seen: list[torch.Tensor] = []
-    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     model(ids)
     hook.remove()
     apply_quarot(model, get_adapter(model))
-    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     model(ids)
     hook.remove()
     peak = [float((x.abs().amax(-1) / x.pow(2).mean(-1).sqrt()).mean()) for x in seen]
