@@ -30,8 +30,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from quant.calibration.data import CalibrationData
+from quant.models.adapters import ModelAdapter
 
 DEFAULT_RIDGE = 1e-6
+QSUR_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -110,3 +115,65 @@ def qsur(x: torch.Tensor, radius: float = 1.0, ridge: float = DEFAULT_RIDGE) -> 
     m.update(x)
     mu, cov = m.mean_cov()
     return qsur_from_moments(mu, cov, m.count, radius, ridge)
+
+
+@torch.no_grad()
+def linear_input_qsur(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    calibration: CalibrationData,
+    transforms: dict[str, nn.Module] | None = None,
+    max_tokens: int = QSUR_TOKENS,
+) -> dict[str, QSUR]:
+    """QSUR of every block linear's input (one block at a time; linears of a group share it).
+
+    Rows are tokens (padding excluded) up to about ``max_tokens``; inputs of linears with an online
+    transform are measured after it, as the activation quantizer sees them."""
+    transforms = transforms or {}
+    device = next(model.parameters()).device
+    result: dict[str, QSUR] = {}
+    current: dict[str, torch.Tensor | None] = {"keep": None}
+    for block in adapter.iter_blocks():
+        moments: dict[str, Moments] = {}
+        hooks = []
+        for group in block.groups:
+            names = list(group.linears)
+            first = names[0]
+            m = Moments(group.in_features)
+            moments[first] = m
+            t = transforms.get(first)
+
+            def hook(mod: nn.Module, args: tuple, m: Moments = m, t: nn.Module | None = t) -> None:
+                x = args[0]
+                keep = current["keep"]
+                if keep is not None and keep.shape == x.shape[:-1]:
+                    x = x[keep]
+                m.update(t(x) if t is not None else x)
+
+            hooks.append(model.get_submodule(first).register_forward_pre_hook(hook))
+        try:
+            for ids, mask in calibration.batches(device):
+                current["keep"] = None if mask is None else mask.bool()
+                model(ids, attention_mask=mask, use_cache=False)
+                if next(iter(moments.values())).count >= max_tokens:
+                    break
+        finally:
+            for h in hooks:
+                h.remove()
+        for group in block.groups:
+            m = moments[next(iter(group.linears))]
+            mu, cov = m.mean_cov()
+            q = qsur_from_moments(mu, cov, m.count)
+            for name in group.linears:
+                result[name] = q
+    return result
+
+
+def qsur_report(before: QSUR, after: QSUR) -> dict[str, float]:
+    """Per-layer report metrics: relative QSUR (``(QSUR / QSUR_max)^(1/d)``) and ln QSUR, before/after."""
+    return {
+        "qsur_before": before.relative,
+        "qsur_after": after.relative,
+        "qsur_log_before": before.log_value,
+        "qsur_log_after": after.log_value,
+    }

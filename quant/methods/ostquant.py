@@ -44,7 +44,7 @@ from torch import nn
 from torch.func import functional_call
 
 from quant.calibration.data import CalibrationData
-from quant.evaluation.qsur import QSUR, Moments, qsur_from_moments
+from quant.evaluation.qsur import linear_input_qsur, qsur_report
 from quant.methods.base import MethodReport, ProgressCallback, QuantizationMethod, no_progress, register_method, sub_progress
 from quant.methods.common import finalize, is_skipped, quantize_linears
 from quant.methods.quarot import check_rotatable, finish_lm_head, fuse_norms
@@ -56,7 +56,6 @@ from quant.recipes.schema import OSTQuantParams, Recipe, WeightQuantSpec
 from quant.transforms.hadamard import HadamardTransform, fwht, hadamard_matrix, random_hadamard
 
 F64 = torch.float64
-QSUR_TOKENS = 2048
 
 
 # ----------------------------------------------------------------------------- structure
@@ -290,59 +289,6 @@ def blockwise_mse_loss(
     return total
 
 
-# ----------------------------------------------------------------------------- QSUR
-@torch.no_grad()
-def linear_input_qsur(
-    model: nn.Module,
-    adapter: ModelAdapter,
-    calibration: CalibrationData,
-    transforms: dict[str, nn.Module] | None = None,
-    max_tokens: int = QSUR_TOKENS,
-) -> dict[str, QSUR]:
-    """QSUR of every block linear's input (one block at a time; linears of a group share it).
-
-    Rows are tokens (padding excluded) up to about ``max_tokens``; inputs of linears with an online
-    transform are measured after it, as the activation quantizer sees them."""
-    transforms = transforms or {}
-    device = next(model.parameters()).device
-    result: dict[str, QSUR] = {}
-    current: dict[str, torch.Tensor | None] = {"keep": None}
-    for block in adapter.iter_blocks():
-        moments: dict[str, Moments] = {}
-        hooks = []
-        for group in block.groups:
-            names = list(group.linears)
-            first = names[0]
-            m = Moments(group.in_features)
-            moments[first] = m
-            t = transforms.get(first)
-
-            def hook(mod: nn.Module, args: tuple, m: Moments = m, t: nn.Module | None = t) -> None:
-                x = args[0]
-                keep = current["keep"]
-                if keep is not None and keep.shape == x.shape[:-1]:
-                    x = x[keep]
-                m.update(t(x) if t is not None else x)
-
-            hooks.append(model.get_submodule(first).register_forward_pre_hook(hook))
-        try:
-            for ids, mask in calibration.batches(device):
-                current["keep"] = None if mask is None else mask.bool()
-                model(ids, attention_mask=mask, use_cache=False)
-                if next(iter(moments.values())).count >= max_tokens:
-                    break
-        finally:
-            for h in hooks:
-                h.remove()
-        for group in block.groups:
-            m = moments[next(iter(group.linears))]
-            mu, cov = m.mean_cov()
-            q = qsur_from_moments(mu, cov, m.count)
-            for name in group.linears:
-                result[name] = q
-    return result
-
-
 # ----------------------------------------------------------------------------- training
 @dataclass
 class TrainResult:
@@ -485,13 +431,8 @@ class OSTQuantMethod(QuantizationMethod):
         )
         report = MethodReport(method=self.name)
         for name in plan.linears:
-            metrics = {
-                "qsur_before": before[name].relative,
-                "qsur_after": after[name].relative,
-                "qsur_log_before": before[name].log_value,
-                "qsur_log_after": after[name].log_value,
-                "online_hadamard": float(name in online),
-            }
+            metrics = qsur_report(before[name], after[name])
+            metrics["online_hadamard"] = float(name in online)
             layer = layers.get(name)
             metrics.update(getattr(layer, "quant_stats", None) or {})
             report.add(name, **metrics)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from quant.calibration.data import CalibrationData
+from quant.evaluation.qsur import linear_input_qsur, qsur_report
 from quant.methods.base import MethodReport, ProgressCallback, QuantizationMethod, no_progress, register_method, sub_progress
 from quant.methods.common import finalize, is_skipped, quantize_linears
 from quant.models.adapters import BlockInfo, ModelAdapter, UnsupportedArchitecture, get_adapter
@@ -250,7 +251,8 @@ def apply_quarot(
 @register_method
 class QuaRotMethod(QuantizationMethod):
     name = "quarot"
-    needs_calibration = False  # GPTQ weight rounding (recipe.weight.algorithm) still uses it
+    # calibration data feeds the QSUR report (and GPTQ weight rounding when the recipe asks for it)
+    needs_calibration = True
 
     def calibrate(
         self,
@@ -264,18 +266,28 @@ class QuaRotMethod(QuantizationMethod):
         if not isinstance(params, QuaRotParams):
             raise TypeError(f"quarot got a recipe for {params.name!r}")
         adapter = get_adapter(model)
-        progress(0.0, "quarot: fusing norms and rotating")
+        check_rotatable(adapter)
+        progress(0.0, "quarot: QSUR of the original inputs")
+        before = linear_input_qsur(model, adapter, calibration)
+        progress(0.03, "quarot: fusing norms and rotating")
         transforms = apply_quarot(model, adapter, params.seed, params.online_down_proj, recipe)
+        after = linear_input_qsur(model, adapter, calibration, transforms)
         progress(0.1, "quarot: quantizing linears")
         layers = quantize_linears(
             model, adapter, recipe, transforms=transforms, calibration=calibration, progress=sub_progress(progress, 0.1, 0.95)
         )
         finish_lm_head(model, adapter)
         report = MethodReport(method=self.name)
-        for name, layer in layers.items():
-            report.add(name, online_hadamard=float(layer.transform is not None), **(getattr(layer, "quant_stats", None) or {}))
+        for name in before:
+            metrics = qsur_report(before[name], after[name])
+            metrics["online_hadamard"] = float(name in transforms)
+            metrics.update(getattr(layers.get(name), "quant_stats", None) or {})
+            report.add(name, **metrics)
         hidden = adapter.hidden_size
+        n = max(1, len(before))
         report.summary.update(
+            qsur_before_mean=sum(q.relative for q in before.values()) / n,
+            qsur_after_mean=sum(q.relative for q in after.values()) / n,
             quantized_layers=float(len(layers)),
             residual_hadamard_block=float(hadamard_block_size(hidden)),
             hidden_size=float(hidden),

@@ -181,7 +181,8 @@ def test_recipe_round_trips_through_yaml_and_json() -> None:
 
 def test_padding_is_excluded_from_qsur_and_losses() -> None:
     from quant.calibration.data import CalibrationData
-    from quant.methods.ostquant import blockwise_mse_loss, linear_input_qsur
+    from quant.evaluation.qsur import linear_input_qsur
+    from quant.methods.ostquant import blockwise_mse_loss
 
     model = make_tiny_llama()
     ids = make_calibration(num_samples=4, seq_len=32).input_ids

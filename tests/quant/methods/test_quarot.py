@@ -113,7 +113,12 @@ def test_beats_rtn_at_w4a4(factory) -> None:
     err_rtn, err_rot = _rel(rtn(ids).logits, ref), _rel(rot(ids).logits, ref)
     assert err_rot < 0.9 * err_rtn, (err_rot, err_rtn)
     assert rot.quant_report.method == "quarot"
-    assert rot.quant_report.summary["online_hadamards"] == 2
+    summary = rot.quant_report.summary
+    assert summary["online_hadamards"] == 2
+    assert summary["qsur_after_mean"] > 2 * summary["qsur_before_mean"]
+    layers = {layer.name: layer.metrics for layer in rot.quant_report.layers}
+    assert len(layers) == (14 if factory is make_tiny_llama else 12)
+    assert all(m["qsur_after"] > m["qsur_before"] for n, m in layers.items() if n.endswith(("q_proj", "fc1", "gate_proj")))
 
 
 def test_kv4_attaches_rotating_kv_quantizers_and_round_trips(tmp_path) -> None:
