@@ -25,6 +25,12 @@ fi
 if [[ $STAGES == *bench* ]]; then
   timeout 300 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -120
 fi
+if [[ $STAGES == *ncu* ]]; then
+  timeout 120 ncu --clock-control none --kernel-name regex:w4a16_mma --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    --section LaunchStats python3 -m kernels.profile_w4a16 > "$OUT/ncu_w4a16.txt" 2>&1
+  grep -E "Duration|Throughput|Bandwidth|Achieved Occupancy|Registers|Stall|L1/TEX Hit|L2 Hit|Warp Cycles" "$OUT/ncu_w4a16.txt" | head -40
+fi
 if [[ $STAGES == *e2e* ]]; then
   timeout 240 python3 -m benchmarks.e2e_generation --layers 8 --new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -12
 fi

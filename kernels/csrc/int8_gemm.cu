@@ -177,8 +177,11 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_kernel(
 
 // W8A8 (both operands int8 codes): cp.async 16-byte copies straight into a kStages-deep shared ring
 // (zero-fill past M / N), the unsigned->signed flip (^0x80) applied to the ldmatrix fragments.
+// 4 warps (2 x 2), each a 64 x 64 warp tile (4 x 8 mma tiles): 8 ldmatrix.x4 per 32 mma, half the
+// shared-memory traffic per mma of the 64 x 32 tile of the int4-operand kernel above.
 constexpr int kStages = 4;
 constexpr int kStageBytes = (BM + BN) * kLd;
+constexpr int kAsyncThreads = 128;
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
   const int n = pred ? 16 : 0;
@@ -188,12 +191,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N_>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N_)); }
 
-__global__ void __launch_bounds__(kGemmThreads) int8_gemm_async_kernel(
+__global__ void __launch_bounds__(kAsyncThreads) int8_gemm_async_kernel(
     const uint8_t* __restrict__ A, const float* __restrict__ a_scale, const uint8_t* __restrict__ W,
     const float* __restrict__ w_scale, const half* __restrict__ bias, half* __restrict__ out, int M, int N, int K) {
   extern __shared__ __align__(16) uint8_t gsm[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int warp_m = warp >> 2, warp_n = warp & 3;
+  const int warp_m = warp >> 1, warp_n = warp & 1;
   const int bm = blockIdx.y * BM, bn = blockIdx.x * BN;
   const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(gsm);
   const int KT = K / BK;
@@ -203,8 +206,8 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_async_kernel(
     const uint32_t sb = sa + BM * kLd;
     const int k0 = kt * BK;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = threadIdx.x + i * kGemmThreads;
+    for (int i = 0; i < 4; ++i) {
+      const int c = threadIdx.x + i * kAsyncThreads;
       const int row = c >> 2, col = (c & 3) * 16;
       const int ga = min(bm + row, M - 1), gb = min(bn + row, N - 1);
       cp_async16(sa + row * kLd + col, A + (size_t)ga * K + k0 + col, bm + row < M);
@@ -212,11 +215,11 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_async_kernel(
     }
   };
 
-  int acc[4][4][4];
+  int acc[4][8][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
 
@@ -240,7 +243,7 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_async_kernel(
     const uint32_t sb_base = sa_base + BM * kLd;
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 32) {
-      uint32_t af[4][4], bf[4][2];
+      uint32_t af[4][4], bf[8][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) {
         const int r = warp_m * 64 + mi * 16 + a_row;
@@ -249,19 +252,19 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_async_kernel(
         for (int e = 0; e < 4; ++e) af[mi][e] ^= 0x80808080u;
       }
 #pragma unroll
-      for (int nj = 0; nj < 2; ++nj) {
-        const int r = warp_n * 32 + nj * 16 + b_row;
+      for (int nj = 0; nj < 4; ++nj) {
+        const int r = warp_n * 64 + nj * 16 + b_row;
         ldmatrix_x4(sb_base + r * kLd + ks + b_col, bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0], bf[2 * nj + 1][1]);
       }
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
+      for (int ni = 0; ni < 8; ++ni) {
         bf[ni][0] ^= 0x80808080u;
         bf[ni][1] ^= 0x80808080u;
       }
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < 8; ++ni)
           mma_s8(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[ni][0], bf[ni][1]);
     }
   }
@@ -269,8 +272,8 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_async_kernel(
 
   const int g = lane >> 2, tig = lane & 3;
 #pragma unroll
-  for (int ni = 0; ni < 4; ++ni) {
-    const int col = bn + warp_n * 32 + ni * 8 + tig * 2;
+  for (int ni = 0; ni < 8; ++ni) {
+    const int col = bn + warp_n * 64 + ni * 8 + tig * 2;
     if (col >= N) continue;
     const float ws0 = __ldg(w_scale + col), ws1 = __ldg(w_scale + col + 1);
     const float b0 = bias ? __half2float(bias[col]) : 0.f;
@@ -347,7 +350,7 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor&
   if (a_bits == 8 && w_bits == 8) {
     const int smem = kStages * kStageBytes;
     C10_CUDA_CHECK(cudaFuncSetAttribute(int8_gemm_async_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int8_gemm_async_kernel<<<grid, kGemmThreads, smem, stream>>>(a.data_ptr<uint8_t>(), a_scale.data_ptr<float>(),
+    int8_gemm_async_kernel<<<grid, kAsyncThreads, smem, stream>>>(a.data_ptr<uint8_t>(), a_scale.data_ptr<float>(),
                                                                  w.data_ptr<uint8_t>(), w_scale.data_ptr<float>(), bp, op,
                                                                  (int)M, (int)N, (int)K);
   } else if (a_bits == 8 && w_bits == 4) QAAS_GEMM(8, 4);
