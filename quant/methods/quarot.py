@@ -15,7 +15,10 @@ non-power-of-two hidden size a block-diagonal Hadamard, which mixes within block
   ``o_proj`` columns ``W_o <- W_o blockdiag(H)`` (exact: softmax mixes tokens, not head channels; the
   same ``H`` for every head keeps it exact under grouped-query attention);
 * an online Hadamard before ``down_proj`` / ``fc2`` (a ``HadamardTransform`` on the ``QuantLinear``,
-  with ``W <- W H`` folded), since the MLP's nonlinearity blocks an offline rotation there;
+  with ``W <- W H`` folded), since the MLP's nonlinearity blocks an offline rotation there (a size that
+  is not a power of two gets the block-diagonal Hadamard of :mod:`quant.transforms.hadamard`: weaker
+  mixing, e.g. 256-channel blocks for 11008). The reference also mixes across heads online before
+  ``o_proj``; that is not done here (on the tiny test models it did not lower the error);
 * a head-dim Hadamard on queries and keys for KV-cache quantization, applied online by the KV
   quantizer (``finalize(..., rotate_kv=True)``).
 
