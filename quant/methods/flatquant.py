@@ -614,8 +614,10 @@ class FlatQuantMethod(QuantizationMethod):
         device = next(blocks[0].module.parameters()).device
         use_gptq = recipe.weight.enabled and recipe.weight.algorithm == "gptq"
         progress(0.0, "flatquant: capturing block inputs")
+        model.eval()  # no dropout in the FP targets or the training forward
         inputs = capture_block_inputs(model, adapter, calibration, device)
         streams = _Streams(fp=list(inputs.hidden), quant=list(inputs.hidden), kwargs=inputs.kwargs)
+        del inputs  # the streams own the block-0 inputs now (freed as they advance)
         rotate_kv = False
         if recipe.kv_cache.enabled:
             from quant.modules.kv_cache import attach_kv_quantizer
