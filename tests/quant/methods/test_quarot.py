@@ -169,12 +169,12 @@ def test_beats_rtn_on_real_weights_held_out_perplexity() -> None:
     from quant.recipes.schema import CalibrationSpec, EvaluationSpec
 
     loaded = load_model("qaas/llama-small")
-    calibration = build_calibration(loaded.tokenizer, CalibrationSpec(num_samples=8, seq_len=128, seed=0))
-    held_out = build_eval_data(loaded.tokenizer, EvaluationSpec(num_samples=16, seq_len=128))
+    calibration = build_calibration(loaded.tokenizer, CalibrationSpec(num_samples=4, seq_len=128, seed=0))
+    held_out = build_eval_data(loaded.tokenizer, EvaluationSpec(num_samples=8, seq_len=128))
     fp = perplexity(loaded.model, held_out).ppl
     rtn = get_method("rtn").calibrate(copy.deepcopy(loaded.model), calibration, get_preset("rtn-w4a4"))
     rot = get_method("quarot").calibrate(loaded.model, calibration, get_preset("quarot-w4a4"))
     ppl_rtn, ppl_rot = perplexity(rtn, held_out).ppl, perplexity(rot, held_out).ppl
-    # measured: FP 31.7, RTN 37.5, QuaRot 32.9
+    # measured (CPU): FP 27.6, QuaRot 28.6, RTN 32.0
     assert fp < ppl_rot < ppl_rtn - 2.0, (fp, ppl_rot, ppl_rtn)
     assert rot.quant_report.summary["qsur_after_mean"] > 1.5 * rot.quant_report.summary["qsur_before_mean"]
