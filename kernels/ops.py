@@ -78,6 +78,39 @@ def _scale_epilogue_fake(acc, a_scale, w_scale, bias):
     return acc.new_empty(acc.shape, dtype=torch.float16)
 
 
+@torch.library.custom_op("qaas::act_quant_s8", mutates_args=())
+def act_quant_s8(
+    x: Tensor, clip: Tensor, mode: int, hb: int, p1: Optional[Tensor], p2: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``act_quant`` at 8 bits for the Hopper GEMM: signed int8 codes ``[M, K]``, scale ``[M]`` and
+    ``128 * row sum`` of the codes (int32 ``[M]``)."""
+    return reference.act_quant_s8_ref(x, clip, mode, hb, p1, p2)
+
+
+@act_quant_s8.register_fake
+def _act_quant_s8_fake(x, clip, mode, hb, p1, p2):
+    m, k = x.shape
+    return (
+        x.new_empty((m, k), dtype=torch.int8),
+        x.new_empty((m,), dtype=torch.float32),
+        x.new_empty((m,), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("qaas::w8a8_gemm_sm90", mutates_args=())
+def w8a8_gemm_sm90(
+    a: Tensor, a_scale: Tensor, a_corr: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor], config: int
+) -> Tensor:
+    """W8A8 GEMM on Hopper wgmma tensor cores: signed int8 activations x uint8 weight codes, with the
+    ``a_corr`` / per-token x per-channel scale / bias epilogue, fp16 out (``config`` picks a tile shape)."""
+    return reference.w8a8_gemm_sm90_ref(a, a_scale, a_corr, w, w_scale, bias)
+
+
+@w8a8_gemm_sm90.register_fake
+def _w8a8_gemm_sm90_fake(a, a_scale, a_corr, w, w_scale, bias, config):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=torch.float16)
+
+
 def _register_cuda_kernels() -> bool:
     ext = extension()
     if ext is None:
@@ -99,6 +132,14 @@ def _register_cuda_kernels() -> bool:
     def _scale_epilogue_cuda(acc, a_scale, w_scale, bias):
         return ext.scale_epilogue(acc, a_scale, w_scale, bias)
 
+    def _act_quant_s8_cuda(x, clip, mode, hb, p1, p2):
+        return tuple(ext.act_quant_s8(x, clip, mode, hb, p1, p2))
+
+    def _w8a8_gemm_sm90_cuda(a, a_scale, a_corr, w, w_scale, bias, config):
+        return ext.w8a8_gemm_sm90(a, a_scale, a_corr, w, w_scale, bias, config)
+
+    act_quant_s8.register_kernel("cuda")(_act_quant_s8_cuda)
+    w8a8_gemm_sm90.register_kernel("cuda")(_w8a8_gemm_sm90_cuda)
     act_quant.register_kernel("cuda")(_act_quant_cuda)
     w4a16_gemm.register_kernel("cuda")(_w4a16_cuda)
     dequant_w4.register_kernel("cuda")(_dequant_w4_cuda)

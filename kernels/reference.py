@@ -83,6 +83,23 @@ def act_quant_ref(
     return codes, qp.scale.reshape(-1).float()
 
 
+def act_quant_s8_ref(
+    x: torch.Tensor,
+    clip: torch.Tensor,
+    mode: int,
+    hb: int,
+    p1: torch.Tensor | None,
+    p2: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`act_quant_ref` at 8 bits in the Hopper GEMM's input form: SIGNED codes ``q = u - 128``
+    (int8 ``[M, K]``), the scale ``[M]``, and ``a_corr = 128 * sum_k q`` (int32 ``[M]``), the term that
+    turns ``sum_k q * u_w`` (uint8 weight codes) into ``sum_k q * (u_w - 128)``."""
+    codes, scale = act_quant_ref(x, 8, clip, mode, hb, p1, p2)
+    q = signed_values(codes, 8)
+    corr = (q.sum(dim=-1, dtype=torch.int64) * 128).to(torch.int32)
+    return q.to(torch.int8), scale, corr
+
+
 def dequant_w4_ref(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """int4 codes ``[N, K/2]`` with per-group scale/zero ``[N, K/group]`` -> fp16 ``[N, K]``."""
     u = unpack_int4(qweight).float()
@@ -127,6 +144,24 @@ def int8_gemm_ref(
     qa = signed_values(a, a_bits).double()
     qw = signed_values(w, w_bits).double()
     out = (qa @ qw.t()) * a_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(torch.float16)
+
+
+def w8a8_gemm_sm90_ref(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_corr: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """What the Hopper W8A8 GEMM computes from SIGNED int8 activations ``a [M, K]`` and uint8 weight codes
+    ``w [N, K]`` (symmetric, zero 128): ``((a @ w^T) - a_corr[:, None]) * a_scale[:, None] * w_scale[None, :]
+    + bias``, float64 math, fp16 out. With ``a_corr = 128 * a.sum(-1)`` this equals :func:`int8_gemm_ref`."""
+    acc = a.to(torch.int64).double() @ w.to(torch.int64).double().t()
+    out = (acc - a_corr.double().reshape(-1, 1)) * a_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
     if bias is not None:
         out = out + bias.double()
     return out.to(torch.float16)

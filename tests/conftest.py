@@ -12,6 +12,19 @@ torch.set_num_threads(max(1, int(os.environ.get("QAAS_TEST_THREADS", "2"))))
 VOCAB = 128
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the GPU checks (marker ``gpu``) only where CUDA is, and the CPU-only checks (``cpu_only``)
+    only where it is not: the other kind is deselected (listed as such in the summary), never skipped.
+    The GPU checks run on the device machine through ``kernels/device_run.sh``."""
+    cuda = torch.cuda.is_available()
+    unwanted = "cpu_only" if cuda else "gpu"
+    keep = [item for item in items if item.get_closest_marker(unwanted) is None]
+    dropped = [item for item in items if item.get_closest_marker(unwanted) is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 def _with_outliers(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give a random model the channel-wise activation outliers real LLMs have: a few norm
     channels scaled up (and, for LayerNorm, shifted), so outlier-aware methods have work to do."""

@@ -13,6 +13,14 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor&
                           int64_t w_bits, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias);
 at::Tensor scale_epilogue_cuda(const at::Tensor& acc, const at::Tensor& a_scale, const at::Tensor& w_scale,
                                const c10::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> act_quant_s8_cuda(const at::Tensor& x, const at::Tensor& clip,
+                                                                 int64_t mode, int64_t hb,
+                                                                 const c10::optional<at::Tensor>& p1,
+                                                                 const c10::optional<at::Tensor>& p2);
+at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& a_corr,
+                               const at::Tensor& w, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
+                               int64_t config);
+bool has_sm90_gemm();
 }  // namespace qaas
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,4 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_w4", &qaas::dequant_w4_cuda, "int4 weight -> fp16 dequantisation");
   m.def("int8_gemm", &qaas::int8_gemm_cuda, "int8 tensor-core GEMM with scale epilogue (int8/int4 operands)");
   m.def("scale_epilogue", &qaas::scale_epilogue_cuda, "int32 accumulator -> fp16 scale epilogue (int_mm baseline)");
+  m.def("act_quant_s8", &qaas::act_quant_s8_cuda,
+        "fused online transform + per-token int8 quantisation to SIGNED codes, with 128 * row sums (sm90 GEMM input)");
+  m.def("w8a8_gemm_sm90", &qaas::w8a8_gemm_sm90_cuda,
+        "W8A8 GEMM on Hopper wgmma (CUTLASS collective): signed int8 activations x uint8 weight codes, scale epilogue");
+  m.def("has_sm90_gemm", &qaas::has_sm90_gemm, "whether the extension was built with the CUTLASS sm90 GEMM");
 }

@@ -1,6 +1,6 @@
 """GPU checks: each CUDA kernel against its reference on fresh random inputs (outputs poisoned first).
 
-Skipped only when CUDA is absent; on a CUDA machine a missing build fails (run ``python -m kernels.build``).
+Collected only where CUDA is (marker ``gpu``, tests/conftest.py); on a CUDA machine a missing build fails (run ``python -m kernels.build``).
 Error bounds (METHOD.md): ||out - ref|| / ||ref|| against float64 references; fp16 outputs land near 5e-4.
 """
 
@@ -14,7 +14,7 @@ import kernels
 from kernels import dispatch, reference
 from quant.quantizers.packing import pack_int4, unpack_int4
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu  # collected only where CUDA is (tests/conftest.py)
 DEV = "cuda"
 
 

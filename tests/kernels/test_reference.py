@@ -127,7 +127,7 @@ def test_unknown_transform_runs_in_torch() -> None:
     assert plan is not None and plan.transform.kind == "torch"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+@pytest.mark.cpu_only
 def test_cpu_only_import_and_supports_false() -> None:
     assert not kernels.available() and kernels.unavailable_reason()
     layer = make_layer(64, 16, 8, 8)
