@@ -85,97 +85,143 @@ def roofline_pct(us: float, nbytes: float, ops: float, peak_ops: float, bw_tbps:
     return 100.0 * floor / (us * 1e-6)
 
 
-def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator) -> list[dict]:
+W4A16_VARIANTS = ["4 warps x 4 blocks, double-buffered (v4)", "8 warps x 4 blocks", "8 warps x 2 blocks",
+                  "16 warps x 2 blocks", "16 warps x 1 block"]
+
+
+def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:
+    """Rows for one (K, N, M). ``gen`` is a CUDA generator: inputs are drawn on the GPU (fresh random
+    data, never zeros)."""
     dev = "cuda"
     rows: list[dict] = []
     flops = 2.0 * m * n * k
 
     def rand_codes(r: int, c: int, bits: int) -> torch.Tensor:
-        u = torch.randint(1, 2**bits, (r, c), generator=gen, dtype=torch.uint8)
-        return (pack_int4(u) if bits == 4 else u).to(dev)
+        u = torch.randint(1, 2**bits, (r, c), generator=gen, dtype=torch.uint8, device=dev)
+        return pack_int4(u) if bits == 4 else u
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=dev)
+
+    def add(kernel: str, us: float, nbytes: float, ops: float, peak: float, base: float | None = None, **extra) -> None:
+        row = dict(kernel=kernel, us=us, bytes=nbytes, ops=ops, roof=roofline_pct(us, nbytes, ops, peak, bw), **extra)
+        if base is not None:
+            row["speedup"] = base / us
+        rows.append(row)
 
     # fp16 baseline ------------------------------------------------------------------------------
     nc = copies(n * k * 2)
-    ws = [(torch.randn(n, k, generator=gen) / k**0.5).half().to(dev) for _ in range(nc)]
-    xs = [torch.randn(m, k, generator=gen).half().to(dev) for _ in range(nc)]
+    ws = [(randn(n, k) / k**0.5).half() for _ in range(nc)]
+    xs = [randn(m, k).half() for _ in range(nc)]
     t_fp16 = bench([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)])
-    fp16_bytes = n * k * 2 + m * k * 2 + m * n * 2
-    rows.append(dict(kernel="fp16 cuBLAS (F.linear)", us=t_fp16, bytes=fp16_bytes, ops=flops,
-                     roof=roofline_pct(t_fp16, fp16_bytes, flops, PEAK_FP16_TFLOPS, bw)))
+    add("fp16 cuBLAS (F.linear)", t_fp16, n * k * 2 + m * k * 2 + m * n * 2, flops, PEAK_FP16_TFLOPS)
     del ws
     torch.cuda.empty_cache()
+    ext = kernels._ext.extension()
 
     # W4A16 ----------------------------------------------------------------------------------------
-    group = 128
-    nc4 = copies(n * k // 2)
-    w4 = [(rand_codes(n, k, 4), (torch.rand(n, k // group, generator=gen) * 0.01).to(dev),
-           torch.randint(0, 16, (n, k // group), generator=gen).float().to(dev)) for _ in range(nc4)]
-    xs4 = [xs[i % len(xs)] for i in range(nc4)]
-    ext = kernels._ext.extension()
-    if m <= dispatch.GEMV_MAX_TOKENS:
-        fn = [lambda q=q, x=x: ext.w4a16_gemm(x, q[0], q[1], q[2], group, None) for q, x in zip(w4, xs4)]
-        name = "W4A16 gemv (qaas)"
-    else:
-        fn = [lambda q=q, x=x: F.linear(x, ext.dequant_w4(q[0], q[1], q[2], group)) for q, x in zip(w4, xs4)]
-        name = "W4A16 dequant+cuBLAS (qaas)"
-    t = bench(fn)
-    w4_bytes = n * k / 2 + 2 * 4 * n * (k // group) + m * k * 2 + m * n * 2
-    rows.append(dict(kernel=name, us=t, bytes=w4_bytes, ops=flops, speedup=t_fp16 / t,
-                     roof=roofline_pct(t, w4_bytes, flops, PEAK_FP16_TFLOPS, bw)))
-    del w4
-    torch.cuda.empty_cache()
+    if "w4a16" in sections:
+        group = 128
+        nc4 = copies(n * k // 2)
+        w4 = [(rand_codes(n, k, 4), torch.rand(n, k // group, generator=gen, device=dev) * 0.01,
+               torch.randint(0, 16, (n, k // group), generator=gen, device=dev).float()) for _ in range(nc4)]
+        xs4 = [xs[i % len(xs)] for i in range(nc4)]
+        w4_bytes = n * k / 2 + 2 * 4 * n * (k // group) + m * k * 2 + m * n * 2
+        if m <= dispatch.GEMV_MAX_TOKENS:
+            t = bench([lambda q=q, x=x: ext.w4a16_gemm(x, q[0], q[1], q[2], group, None) for q, x in zip(w4, xs4)])
+            add("W4A16 gemv (qaas, default)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+            for v in range(int(ext.w4a16_num_variants())):
+                t = bench([lambda q=q, x=x, v=v: ext.w4a16_gemm_variant(x, q[0], q[1], q[2], group, None, v)
+                           for q, x in zip(w4, xs4)])
+                add(f"W4A16 gemv variant {v}: {W4A16_VARIANTS[v]}", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+        else:
+            t = bench([lambda q=q, x=x: F.linear(x, ext.dequant_w4(q[0], q[1], q[2], group)) for q, x in zip(w4, xs4)])
+            add("W4A16 dequant+cuBLAS (qaas)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+        del w4
+        torch.cuda.empty_cache()
 
-    # integer paths: act_quant + int8 tensor-core GEMM ---------------------------------------------
     clip = torch.tensor(0.95, device=dev)
-    for a_bits, w_bits in [(8, 8), (8, 4), (4, 4)]:
-        wb = n * k * w_bits // 8
+    hb = dispatch.hadamard_block_for(k)
+    n1 = {4096: 64, 11008: 86}[k]
+    p1 = randn(n1, n1) / n1**0.5 + torch.eye(n1, device=dev)
+    p2 = randn(k // n1, k // n1) / (k // n1) ** 0.5 + torch.eye(k // n1, device=dev)
+    transforms = [(f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{k // n1}", 2, 0, p1, p2)]
+
+    # W8A8 on Hopper wgmma (CUTLASS collective + qaas epilogue) -------------------------------------
+    if "sm90" in sections and ext.has_sm90_gemm():
+        wb = n * k
         ncw = copies(wb)
-        wq = [(rand_codes(n, k, w_bits), (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(dev)) for _ in range(ncw)]
+        wq = [(rand_codes(n, k, 8), torch.rand(n, generator=gen, device=dev) * 0.01 + 1e-3) for _ in range(ncw)]
         xq = [xs[i % len(xs)] for i in range(ncw)]
-        label = f"W{w_bits}A{a_bits}"
-        codes0, sa0 = ext.act_quant(xs[0], a_bits, clip, 0, 0, None, None)
-        t_gemm = bench([lambda q=q: ext.int8_gemm(codes0, a_bits, sa0, q[0], w_bits, q[1], None) for q in wq])
-        gemm_bytes = wb + m * k * a_bits / 8 + m * n * 2 + 4 * (m + n)
-        rows.append(dict(kernel=f"{label} int8-mma GEMM only (qaas)", us=t_gemm, bytes=gemm_bytes, ops=flops,
-                         speedup=t_fp16 / t_gemm, roof=roofline_pct(t_gemm, gemm_bytes, flops, PEAK_INT8_TOPS, bw)))
+        q0, sa0, c0 = ext.act_quant_s8(xs[0], clip, 0, 0, None, None)
+        gemm_bytes = wb + m * k + m * n * 2 + 4 * (2 * m + n)
+        best = None
+        for cfg, cname in [(0, "128x128x128 ping-pong, cluster 2x1"), (1, "128x256x128 cooperative, cluster 1x2"),
+                           (2, "64x128x256 ping-pong")]:
+            t = bench([lambda q=q, cfg=cfg: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, cfg) for q in wq])
+            add(f"W8A8 wgmma GEMM only, cfg {cfg} {cname} (qaas)", t, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
+            if best is None or t < best[1]:
+                best = (cfg, t)
+        assert best is not None
+        cfg = best[0]
 
-        def layer_fn(q, x, mode=0, hb=0, p1=None, p2=None):
-            codes, sa = ext.act_quant(x, a_bits, clip, mode, hb, p1, p2)
-            return ext.int8_gemm(codes, a_bits, sa, q[0], w_bits, q[1], None)
+        def sm90_layer(q, x, mode=0, hb_=0, a=None, b=None):
+            qa, sa, ca = ext.act_quant_s8(x, clip, mode, hb_, a, b)
+            return ext.w8a8_gemm_sm90(qa, sa, ca, q[0], q[1], None, cfg)
 
-        t_layer = bench([lambda q=q, x=x: layer_fn(q, x) for q, x in zip(wq, xq)])
+        t_layer = bench([lambda q=q, x=x: sm90_layer(q, x) for q, x in zip(wq, xq)])
         lb = gemm_bytes + m * k * 2
-        rows.append(dict(kernel=f"{label} act_quant+GEMM layer (qaas)", us=t_layer, bytes=lb, ops=flops,
-                         speedup=t_fp16 / t_layer, roof=roofline_pct(t_layer, lb, flops, PEAK_INT8_TOPS, bw)))
-        if a_bits == 8 and w_bits == 8 and m > 16:
-            qa = (codes0 ^ 0x80).view(torch.int8)
-            wi = [((q[0] ^ 0x80).view(torch.int8), q[1]) for q in wq]
-            t_im = bench([lambda q=q: torch._int_mm(qa, q[0].t()) for q in wi])
-            t_imep = bench([lambda q=q: ext.scale_epilogue(torch._int_mm(qa, q[0].t()), sa0, q[1], None) for q in wi])
-            rows.append(dict(kernel="W8A8 torch._int_mm only (cuBLASLt)", us=t_im, bytes=gemm_bytes, ops=flops,
-                             speedup=t_fp16 / t_im, roof=roofline_pct(t_im, gemm_bytes, flops, PEAK_INT8_TOPS, bw)))
-            rows.append(dict(kernel="W8A8 torch._int_mm + qaas epilogue", us=t_imep, bytes=gemm_bytes, ops=flops,
-                             speedup=t_fp16 / t_imep, roof=roofline_pct(t_imep, gemm_bytes, flops, PEAK_INT8_TOPS, bw)))
-        # fused online transform cost, relative to this layer (act_quant + GEMM, no transform)
-        hb = dispatch.hadamard_block_for(k)
-        n1 = {4096: 64, 11008: 86}[k]
-        p1 = torch.randn(n1, n1, generator=gen).to(dev)
-        p2 = torch.randn(k // n1, k // n1, generator=gen).to(dev)
-        for tname, mode, extra in [("none", 0, {}), (f"hadamard b{hb}", 1, {"hb": hb}),
-                                   (f"kronecker {n1}x{k // n1}", 2, {"p1": p1, "p2": p2})]:
-            aq = bench([lambda x=x: ext.act_quant(x, a_bits, clip, mode, extra.get("hb", 0), extra.get("p1"), extra.get("p2"))
-                        for x in xq])
-            aq_bytes = m * k * 2 + m * k * a_bits / 8 + 4 * m
-            rows.append(dict(kernel=f"{label} act_quant [{tname}] alone", us=aq, bytes=aq_bytes, ops=0.0,
-                             roof=roofline_pct(aq, aq_bytes, 0.0, PEAK_INT8_TOPS, bw)))
-            if mode:
-                tl = bench([lambda q=q, x=x: layer_fn(q, x, mode, extra.get("hb", 0), extra.get("p1"), extra.get("p2"))
-                            for q, x in zip(wq, xq)])
-                rows.append(dict(kernel=f"{label} layer with [{tname}]", us=tl, bytes=lb, ops=flops,
-                                 speedup=t_fp16 / tl, transform_overhead_pct=100.0 * (tl - t_layer) / tl,
-                                 roof=roofline_pct(tl, lb, flops, PEAK_INT8_TOPS, bw)))
+        add(f"W8A8 act_quant_s8 + wgmma GEMM (cfg {cfg}) layer (qaas)", t_layer, lb, flops, PEAK_INT8_TOPS, t_fp16)
+        aq_bytes = m * k * 2 + m * k + 8 * m
+        t_aq = bench([lambda x=x: ext.act_quant_s8(x, clip, 0, 0, None, None) for x in xq])
+        add("W8A8 act_quant_s8 [none] alone", t_aq, aq_bytes, 0.0, PEAK_INT8_TOPS)
+        for tname, mode, hb_, a, b in transforms:
+            t = bench([lambda x=x: ext.act_quant_s8(x, clip, mode, hb_, a, b) for x in xq])
+            add(f"W8A8 act_quant_s8 [{tname}] alone", t, aq_bytes, 0.0, PEAK_INT8_TOPS)
+            tl = bench([lambda q=q, x=x: sm90_layer(q, x, mode, hb_, a, b) for q, x in zip(wq, xq)])
+            add(f"W8A8 wgmma layer with [{tname}]", tl, lb, flops, PEAK_INT8_TOPS, t_fp16,
+                transform_overhead_pct=100.0 * (tl - t_layer) / tl)
         del wq
         torch.cuda.empty_cache()
+
+    # integer paths on mma.sync: act_quant + int8 tensor-core GEMM (W8A8, W4A8, W4A4) ---------------
+    if "int" in sections:
+        for a_bits, w_bits in [(8, 8), (8, 4), (4, 4)]:
+            wb = n * k * w_bits // 8
+            ncw = copies(wb)
+            wq = [(rand_codes(n, k, w_bits), torch.rand(n, generator=gen, device=dev) * 0.01 + 1e-3) for _ in range(ncw)]
+            xq = [xs[i % len(xs)] for i in range(ncw)]
+            label = f"W{w_bits}A{a_bits}"
+            codes0, sa0 = ext.act_quant(xs[0], a_bits, clip, 0, 0, None, None)
+            t_gemm = bench([lambda q=q: ext.int8_gemm(codes0, a_bits, sa0, q[0], w_bits, q[1], None) for q in wq])
+            gemm_bytes = wb + m * k * a_bits / 8 + m * n * 2 + 4 * (m + n)
+            add(f"{label} int8-mma GEMM only (qaas)", t_gemm, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
+
+            def layer_fn(q, x, mode=0, hb_=0, a=None, b=None):
+                codes, sa = ext.act_quant(x, a_bits, clip, mode, hb_, a, b)
+                return ext.int8_gemm(codes, a_bits, sa, q[0], w_bits, q[1], None)
+
+            t_layer = bench([lambda q=q, x=x: layer_fn(q, x) for q, x in zip(wq, xq)])
+            lb = gemm_bytes + m * k * 2
+            add(f"{label} act_quant+GEMM layer (qaas)", t_layer, lb, flops, PEAK_INT8_TOPS, t_fp16)
+            if a_bits == 8 and w_bits == 8 and m > 16:
+                qa = (codes0 ^ 0x80).view(torch.int8)
+                wi = [((q[0] ^ 0x80).view(torch.int8), q[1]) for q in wq]
+                t_im = bench([lambda q=q: torch._int_mm(qa, q[0].t()) for q in wi])
+                t_imep = bench([lambda q=q: ext.scale_epilogue(torch._int_mm(qa, q[0].t()), sa0, q[1], None) for q in wi])
+                add("W8A8 torch._int_mm only (cuBLASLt)", t_im, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
+                add("W8A8 torch._int_mm + qaas epilogue", t_imep, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
+            aq_bytes = m * k * 2 + m * k * a_bits / 8 + 4 * m
+            aq = bench([lambda x=x: ext.act_quant(x, a_bits, clip, 0, 0, None, None) for x in xq])
+            add(f"{label} act_quant [none] alone", aq, aq_bytes, 0.0, PEAK_INT8_TOPS)
+            for tname, mode, hb_, a, b in transforms:  # fused online transform cost, relative to this layer
+                aq = bench([lambda x=x: ext.act_quant(x, a_bits, clip, mode, hb_, a, b) for x in xq])
+                add(f"{label} act_quant [{tname}] alone", aq, aq_bytes, 0.0, PEAK_INT8_TOPS)
+                tl = bench([lambda q=q, x=x: layer_fn(q, x, mode, hb_, a, b) for q, x in zip(wq, xq)])
+                add(f"{label} layer with [{tname}]", tl, lb, flops, PEAK_INT8_TOPS, t_fp16,
+                    transform_overhead_pct=100.0 * (tl - t_layer) / tl)
+            del wq
+            torch.cuda.empty_cache()
     for r in rows:
         r.update(K=k, N=n, M=m)
     return rows
@@ -202,6 +248,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--sections", default="w4a16,sm90,int", help="comma list of w4a16, sm90, int")
     args = ap.parse_args()
     assert kernels.available(), kernels.unavailable_reason()
     out = Path(args.out)
@@ -210,11 +257,12 @@ def main() -> None:
     t0 = time.time()
     ceilings = measure_ceilings()
     print("ceilings", json.dumps(ceilings), flush=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sections = set(args.sections.split(","))
     rows: list[dict] = []
     for k, n in SHAPES:
         for m in map(int, args.tokens.split(",")):
-            rows.extend(run_shape(k, n, m, ceilings["copy_TBps"], gen))
+            rows.extend(run_shape(k, n, m, ceilings["copy_TBps"], gen, sections))
             print(f"done K={k} N={n} M={m} ({time.time() - t0:.0f}s)", flush=True)
     md = to_markdown(rows, ceilings, device)
     (out / "kernels.json").write_text(json.dumps({"device": device, "ceilings": ceilings, "rows": rows}, indent=1))

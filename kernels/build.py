@@ -7,14 +7,34 @@ is refused with a clear message and the package keeps working on its pure-torch 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ["bindings.cpp", "act_quant.cu", "w4a16.cu", "int8_gemm.cu"]
+SOURCES = ["bindings.cpp", "act_quant.cu", "w4a16.cu", "int8_gemm.cu", "w8a8_sm90.cu"]
+CUTLASS_SOURCES = ["w8a8_sm90_cfg0.cu", "w8a8_sm90_cfg1.cu", "w8a8_sm90_cfg2.cu"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v", "-std=c++17"]
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
+
+
+def cutlass_include_dirs() -> list[Path]:
+    """CUTLASS headers for the Hopper W8A8 GEMM: ``$QAAS_CUTLASS_DIR`` (a CUTLASS checkout), else the
+    ``nvidia-cutlass`` wheel's copy (``pip install nvidia-cutlass==4.2.0.0``); empty when neither is there, and the
+    extension is built without that GEMM (``has_sm90_gemm()`` is then False)."""
+    roots: list[Path] = []
+    env = os.environ.get("QAAS_CUTLASS_DIR")
+    if env:
+        roots.append(Path(env))
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported (it needs no import here)
+    if spec is not None and spec.submodule_search_locations:
+        roots.extend(Path(p) / "source" for p in spec.submodule_search_locations)
+    for root in roots:
+        if (root / "include" / "cutlass" / "cutlass.h").is_file():
+            return [root / "include", root / "tools" / "util" / "include"]
+    return []
 
 
 def build(verbose: bool = True) -> None:
@@ -31,6 +51,16 @@ def build(verbose: bool = True) -> None:
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    sources = list(SOURCES)
+    nvcc_flags = list(NVCC_FLAGS)
+    include_dirs = cutlass_include_dirs()
+    if include_dirs:
+        sources += CUTLASS_SOURCES
+        nvcc_flags += ["-DQAAS_WITH_CUTLASS", "-DNDEBUG"]
+        print(f"kernels.build: CUTLASS headers from {include_dirs[0]}: building the sm90 W8A8 GEMM")
+    else:
+        print(f"kernels.build: no CUTLASS headers (pip install {CUTLASS_PIN} or set QAAS_CUTLASS_DIR): "
+              "building without the sm90 W8A8 GEMM")
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -39,8 +69,9 @@ def build(verbose: bool = True) -> None:
             ext_modules=[
                 CUDAExtension(
                     "kernels._C",
-                    [str((CSRC / s).relative_to(ROOT)) for s in SOURCES],
-                    extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": NVCC_FLAGS},
+                    [str((CSRC / s).relative_to(ROOT)) for s in sources],
+                    include_dirs=[str(d) for d in include_dirs],
+                    extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
                 )
             ],
             cmdclass={"build_ext": BuildExtension},

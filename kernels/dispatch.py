@@ -7,6 +7,9 @@ Paths (fp16 activations):
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization) ->
   ``qaas::int8_gemm`` (int8 tensor cores, scales and bias in the epilogue).
+  W8A8 on an extension built with CUTLASS (Hopper): ``qaas::act_quant_s8`` (signed codes and the row-sum
+  term) -> ``qaas::w8a8_gemm_sm90`` (wgmma + TMA, the same epilogue fused), reading the stored uint8
+  weight codes directly.
 The layer's online transform is matched against the kernel's: block-diagonal Hadamard or Kronecker
 ``kron(P1, P2)`` found among the transform's square tensors, by probing it on random inputs once;
 any other transform runs in torch before the fused quantization kernel.
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
 FP_BITS = 16
 GEMV_MAX_TOKENS = 16
+SM90_GEMM_MIN_TOKENS = 1  # W8A8 takes the Hopper wgmma GEMM from this many tokens (when built with it)
 SMEM_LIMIT_BYTES = 220 * 1024
 _PLAN_ATTR = "_qaas_kernel_plan"
 _CACHE_ATTR = "_qaas_kernel_cache"
@@ -205,10 +209,25 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         p1 = _derived(layer, "p1", tensors[tp.p1_name], _f32)
         p2 = _derived(layer, "p2", tensors[tp.p2_name], _f32)
     clip = _derived(layer, "clip", layer.act_clip, lambda c: c.detach().float().reshape(()).contiguous())
-    codes, a_scale = k.act_quant(x2, layer.act_bits, clip, tp.mode, tp.hadamard_block, p1, p2)
     w_scale = _derived(layer, "w_scale_ch", layer.w_scale, lambda s: s.detach()[:, 0].float().contiguous())
+    if _use_sm90_gemm(layer, x2):
+        qa, a_scale, a_corr = k.act_quant_s8(x2, clip, tp.mode, tp.hadamard_block, p1, p2)
+        out = k.w8a8_gemm_sm90(qa, a_scale, a_corr, layer.qweight, w_scale, bias, -1)
+        return out.to(x.dtype).reshape(*lead, layer.out_features)
+    codes, a_scale = k.act_quant(x2, layer.act_bits, clip, tp.mode, tp.hadamard_block, p1, p2)
     out = k.int8_gemm(codes, layer.act_bits, a_scale, layer.qweight, layer.weight_bits, w_scale, bias)
     return out.to(x.dtype).reshape(*lead, layer.out_features)
+
+
+def _use_sm90_gemm(layer: "QuantLinear", x2: torch.Tensor) -> bool:
+    """W8A8 on CUDA through the Hopper wgmma GEMM: extension built with CUTLASS, sm_90 device, K and N
+    multiples of 16, at least ``SM90_GEMM_MIN_TOKENS`` tokens."""
+    if not x2.is_cuda or layer.act_bits != 8 or layer.weight_bits != 8 or x2.shape[0] < SM90_GEMM_MIN_TOKENS:
+        return False
+    if layer.in_features % 16 or layer.out_features % 16:
+        return False
+    ext = extension()
+    return ext is not None and bool(ext.has_sm90_gemm()) and torch.cuda.get_device_capability(x2.device) == (9, 0)
 
 
 def hadamard_block_for(n: int) -> int:

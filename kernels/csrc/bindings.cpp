@@ -8,6 +8,10 @@ std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t b
                                                   const c10::optional<at::Tensor>& p2);
 at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero,
                            int64_t group_size, const c10::optional<at::Tensor>& bias);
+at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
+                                   const at::Tensor& zero, int64_t group_size, const c10::optional<at::Tensor>& bias,
+                                   int64_t variant);
+int64_t w4a16_num_variants();
 at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size);
 at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor& a_scale, const at::Tensor& w,
                           int64_t w_bits, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias);
@@ -27,6 +31,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qaas CUDA kernels (sm_90a)";
   m.def("act_quant", &qaas::act_quant_cuda, "fused online transform + per-token symmetric activation quantisation");
   m.def("w4a16_gemm", &qaas::w4a16_gemm_cuda, "int4 weight x fp16 activation GEMV (<= 16 rows)");
+  m.def("w4a16_gemm_variant", &qaas::w4a16_gemm_variant_cuda,
+        "w4a16_gemm with an explicit tensor-core decode variant (benchmarks; -1 = default)");
+  m.def("w4a16_num_variants", &qaas::w4a16_num_variants, "number of tensor-core decode variants");
   m.def("dequant_w4", &qaas::dequant_w4_cuda, "int4 weight -> fp16 dequantisation");
   m.def("int8_gemm", &qaas::int8_gemm_cuda, "int8 tensor-core GEMM with scale epilogue (int8/int4 operands)");
   m.def("scale_epilogue", &qaas::scale_epilogue_cuda, "int32 accumulator -> fp16 scale epilogue (int_mm baseline)");

@@ -134,15 +134,24 @@ __device__ __forceinline__ void mma_f16(float* c, uint32_t a0, uint32_t a1, uint
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-constexpr int kMmaWarps = 4;
-constexpr int kMmaUnroll = 4;
+// Variants (v5): WARPS warps per block split K; UNROLL 128-k blocks per warp per round; DB = register
+// double buffering of the next round. v4 was <4 warps, 4, DB>: 150 registers and ~8 warps per SM at
+// N=4096 (256 blocks of 4 warps), latency-bound (ncu). More warps per block multiply the warps per SM and
+// the bytes in flight; without DB the registers drop so they fit.
+struct MmaVariant {
+  int warps, unroll;
+  bool db;
+};
+constexpr MmaVariant kMmaVariants[] = {{4, 4, true}, {8, 4, false}, {8, 2, false}, {16, 2, false}, {16, 1, false}};
+constexpr int kNumMmaVariants = sizeof(kMmaVariants) / sizeof(kMmaVariants[0]);
+constexpr int kDefaultMmaVariant = 1;
 
-template <int NT>
-__global__ void __launch_bounds__(kMmaWarps * 32) w4a16_mma_kernel(
+template <int NT, int WARPS, int UNROLL, bool DB>
+__global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qw, const float* __restrict__ scale,
     const float* __restrict__ zero, const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K,
     int group_size) {
-  __shared__ float red[kMmaWarps][16][16];
+  __shared__ float red[WARPS][16][16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
@@ -156,35 +165,32 @@ __global__ void __launch_bounds__(kMmaWarps * 32) w4a16_mma_kernel(
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
 
-  // Register double buffering: the next round's weight/scale loads are issued before this round's
-  // tensor-core work, so each warp keeps loads in flight while it computes.
-  uint4 va[kMmaUnroll], vb[kMmaUnroll], na[kMmaUnroll], nb[kMmaUnroll];
-  float sa[kMmaUnroll], sb[kMmaUnroll], nsa[kMmaUnroll], nsb[kMmaUnroll];
-  uint32_t za[kMmaUnroll], zb[kMmaUnroll], nza[kMmaUnroll], nzb[kMmaUnroll];
-  auto load_round = [&](int base, uint4* la, uint4* lb, float* lsa, float* lsb, uint32_t* lza, uint32_t* lzb) {
+  // With DB, the next round's weight/scale loads are issued before this round's tensor-core work.
+  constexpr int NB = DB ? 2 : 1;
+  uint4 va[NB][UNROLL], vb[NB][UNROLL];
+  float sa[NB][UNROLL], sb[NB][UNROLL];
+  uint32_t za[NB][UNROLL], zb[NB][UNROLL];
+  auto load_round = [&](int base, int buf) {
 #pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
       const int kb = base + u;
       if (kb < KB) {
-        la[u] = __ldg(wA + kb * 4);
-        lb[u] = __ldg(wB + kb * 4);
+        va[buf][u] = __ldg(wA + kb * 4);
+        vb[buf][u] = __ldg(wB + kb * 4);
         const int grp = (kb * 128) / group_size;
-        lsa[u] = __ldg(scale + (size_t)rA * G + grp);
-        lsb[u] = __ldg(scale + (size_t)rB * G + grp);
+        sa[buf][u] = __ldg(scale + (size_t)rA * G + grp);
+        sb[buf][u] = __ldg(scale + (size_t)rB * G + grp);
         const half2 z2a = __float2half2_rn(1024.f + __ldg(zero + (size_t)rA * G + grp));
         const half2 z2b = __float2half2_rn(1024.f + __ldg(zero + (size_t)rB * G + grp));
-        lza[u] = *reinterpret_cast<const uint32_t*>(&z2a);
-        lzb[u] = *reinterpret_cast<const uint32_t*>(&z2b);
+        za[buf][u] = *reinterpret_cast<const uint32_t*>(&z2a);
+        zb[buf][u] = *reinterpret_cast<const uint32_t*>(&z2b);
       }
     }
   };
-  constexpr int kStride = kMmaWarps * kMmaUnroll;
-  load_round(warp * kMmaUnroll, va, vb, sa, sb, za, zb);
-  for (int kb0 = warp * kMmaUnroll; kb0 < KB; kb0 += kStride) {
-    if (kb0 + kStride < KB) load_round(kb0 + kStride, na, nb, nsa, nsb, nza, nzb);
+  auto compute_round = [&](int base, int buf) {
 #pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {
-      const int kb = kb0 + u;
+    for (int u = 0; u < UNROLL; ++u) {
+      const int kb = base + u;
       if (kb >= KB) break;
       float part[NT][4];
       uint4 xv[NT][4];
@@ -197,16 +203,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32) w4a16_mma_kernel(
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[nt][q] = b < B ? __ldg(xp + q) : make_uint4(0u, 0u, 0u, 0u);
       }
-      const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va[u]);
-      const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb[u]);
+      const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va[buf][u]);
+      const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb[buf][u]);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
 #pragma unroll
         for (int sub = 0; sub < 2; ++sub) {
-          const uint32_t a0 = dq_pair(wa[q], 8 * sub, za[u]);
-          const uint32_t a2 = dq_pair(wa[q], 8 * sub + 4, za[u]);
-          const uint32_t a1 = dq_pair(wb[q], 8 * sub, zb[u]);
-          const uint32_t a3 = dq_pair(wb[q], 8 * sub + 4, zb[u]);
+          const uint32_t a0 = dq_pair(wa[q], 8 * sub, za[buf][u]);
+          const uint32_t a2 = dq_pair(wa[q], 8 * sub + 4, za[buf][u]);
+          const uint32_t a1 = dq_pair(wb[q], 8 * sub, zb[buf][u]);
+          const uint32_t a3 = dq_pair(wb[q], 8 * sub + 4, zb[buf][u]);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[nt][q]);
@@ -218,15 +224,28 @@ __global__ void __launch_bounds__(kMmaWarps * 32) w4a16_mma_kernel(
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        acc[nt][0] = fmaf(sa[u], part[nt][0], acc[nt][0]);
-        acc[nt][1] = fmaf(sa[u], part[nt][1], acc[nt][1]);
-        acc[nt][2] = fmaf(sb[u], part[nt][2], acc[nt][2]);
-        acc[nt][3] = fmaf(sb[u], part[nt][3], acc[nt][3]);
+        acc[nt][0] = fmaf(sa[buf][u], part[nt][0], acc[nt][0]);
+        acc[nt][1] = fmaf(sa[buf][u], part[nt][1], acc[nt][1]);
+        acc[nt][2] = fmaf(sb[buf][u], part[nt][2], acc[nt][2]);
+        acc[nt][3] = fmaf(sb[buf][u], part[nt][3], acc[nt][3]);
       }
     }
-#pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {
-      va[u] = na[u]; vb[u] = nb[u]; sa[u] = nsa[u]; sb[u] = nsb[u]; za[u] = nza[u]; zb[u] = nzb[u];
+  };
+  constexpr int kStride = WARPS * UNROLL;
+  if constexpr (DB) {
+    // Two rounds per iteration so every buffer index is a compile-time constant (no local memory).
+    load_round(warp * UNROLL, 0);
+    for (int kb0 = warp * UNROLL; kb0 < KB; kb0 += 2 * kStride) {
+      if (kb0 + kStride < KB) load_round(kb0 + kStride, 1);
+      compute_round(kb0, 0);
+      if (kb0 + kStride >= KB) break;
+      if (kb0 + 2 * kStride < KB) load_round(kb0 + 2 * kStride, 0);
+      compute_round(kb0 + kStride, 1);
+    }
+  } else {
+    for (int kb0 = warp * UNROLL; kb0 < KB; kb0 += kStride) {
+      load_round(kb0, 0);
+      compute_round(kb0, 0);
     }
   }
   // C fragment: c0 (row g, col 2t), c1 (row g, col 2t+1), c2 (row g+8, col 2t), c3 (row g+8, col 2t+1).
@@ -244,11 +263,26 @@ __global__ void __launch_bounds__(kMmaWarps * 32) w4a16_mma_kernel(
     if (b < B && b < NT * 8 && n < N) {
       float v = 0.f;
 #pragma unroll
-      for (int w = 0; w < kMmaWarps; ++w) v += red[w][r][b];
+      for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
       if (bias) v += __half2float(bias[n]);
       out[(size_t)b * N + n] = __float2half(v);
     }
   }
+}
+
+template <int NT>
+void launch_mma_variant(int variant, int grid, cudaStream_t stream, const half* xp, const uint8_t* qw, const float* sc,
+                        const float* zr, const half* bp, half* op, int M, int N, int K, int group_size) {
+#define QAAS_MMA(W_, U_, DB_) \
+  w4a16_mma_kernel<NT, W_, U_, DB_><<<grid, (W_) * 32, 0, stream>>>(xp, qw, sc, zr, bp, op, M, N, K, group_size)
+  switch (variant) {
+    case 0: QAAS_MMA(4, 4, true); break;
+    case 1: QAAS_MMA(8, 4, false); break;
+    case 2: QAAS_MMA(8, 2, false); break;
+    case 3: QAAS_MMA(16, 2, false); break;
+    default: QAAS_MMA(16, 1, false); break;
+  }
+#undef QAAS_MMA
 }
 
 // Dequantise int4 codes to fp16 [N, K]: each thread expands one 16-byte chunk (32 weights).
@@ -291,8 +325,9 @@ void check_w4(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& z
 
 }  // namespace
 
-at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero,
-                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
+                                   const at::Tensor& zero, int64_t group_size, const c10::optional<at::Tensor>& bias,
+                                   int64_t variant) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf,
               "w4a16: x must be a contiguous fp16 CUDA tensor [M, K]");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -313,14 +348,13 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::
   half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
   if (K % 128 == 0 && group_size % 128 == 0) {
     const int grid = (int)((N + 15) / 16);
+    const int v = (variant >= 0 && variant < kNumMmaVariants) ? (int)variant : kDefaultMmaVariant;
     if (M <= 8)
-      w4a16_mma_kernel<1><<<grid, kMmaWarps * 32, 0, stream>>>(xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                                                              zero.data_ptr<float>(), bp, op, (int)M, (int)N, (int)K,
-                                                              (int)group_size);
+      launch_mma_variant<1>(v, grid, stream, xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
+                            bp, op, (int)M, (int)N, (int)K, (int)group_size);
     else
-      w4a16_mma_kernel<2><<<grid, kMmaWarps * 32, 0, stream>>>(xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                                                              zero.data_ptr<float>(), bp, op, (int)M, (int)N, (int)K,
-                                                              (int)group_size);
+      launch_mma_variant<2>(v, grid, stream, xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
+                            bp, op, (int)M, (int)N, (int)K, (int)group_size);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
@@ -339,6 +373,13 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
+
+at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero,
+                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  return w4a16_gemm_variant_cuda(x, qw, scale, zero, group_size, bias, -1);
+}
+
+int64_t w4a16_num_variants() { return kNumMmaVariants; }
 
 at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size) {
   const c10::cuda::CUDAGuard guard(qw.device());

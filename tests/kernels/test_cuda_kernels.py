@@ -146,3 +146,61 @@ def test_quantlinear_cuda_dispatch(w_bits, a_bits, group, sym, transform, tokens
     ref = layer.reference_forward(x.float())  # float32 reference of the same quantized layer
     assert out.shape == (2, tokens, 768)
     assert rel_err(out, ref) < (3e-3 if a_bits == 16 else 2e-2)
+
+
+@pytest.mark.parametrize("variant", range(5))
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("k,n", [(4096, 1000), (11008, 256), (1024, 4096)])
+def test_w4a16_tensor_core_variants(variant: int, tokens: int, k: int, n: int) -> None:
+    ext = kernels._ext.extension()
+    assert int(ext.w4a16_num_variants()) == 5
+    gen = torch.Generator().manual_seed(variant * 101 + tokens + k + n)
+    group = 128
+    qw = _rand_codes((n, k), 4, gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    bias = (torch.randn(n, generator=gen) * 0.1).half()
+    x = torch.randn(tokens, k, generator=gen).half()
+    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    _poison(tokens * n * 2)
+    out = ext.w4a16_gemm_variant(x.to(DEV), qw.to(DEV), scale.to(DEV), zero.to(DEV), group, bias.to(DEV), variant)
+    assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
+
+
+def test_sm90_gemm_is_built() -> None:
+    """The device build carries CUTLASS (kernels/device_run.sh installs the pinned wheel first)."""
+    assert kernels._ext.extension().has_sm90_gemm()
+
+
+@pytest.mark.parametrize("config", [-1, 0, 1, 2])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 4096), (77, 1008, 4096), (300, 4096, 11008), (2048, 512, 256), (130, 11008, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_w8a8_gemm_sm90(config: int, m: int, n: int, k: int, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(m * 3 + n + k + config + 17 * with_bias)
+    ua = _rand_codes((m, k), 8, gen)
+    qa = (ua.int() - 128).to(torch.int8)
+    corr = (qa.sum(dim=1, dtype=torch.int64) * 128).to(torch.int32)
+    w = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8)  # full code range, 0 included
+    sa = torch.rand(m, generator=gen) * 0.01 + 1e-3
+    sw = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    bias = (torch.randn(n, generator=gen) * 0.1).half() if with_bias else None
+    ref = reference.int8_gemm_ref(ua, 8, sa, w, 8, sw, bias)
+    assert torch.equal(ref, reference.w8a8_gemm_sm90_ref(qa, sa, corr, w, sw, bias))
+    _poison(m * n * 2)
+    out = torch.ops.qaas.w8a8_gemm_sm90(qa.to(DEV), sa.to(DEV), corr.to(DEV), w.to(DEV), sw.to(DEV),
+                                        None if bias is None else bias.to(DEV), config)
+    assert out.shape == (m, n) and out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-3
+
+
+@pytest.mark.parametrize("transform", [None, "hadamard", "kronecker"])
+@pytest.mark.parametrize("tokens", [1, 200])
+def test_quantlinear_w8a8_takes_sm90_path(transform, tokens) -> None:
+    k = 1024
+    t = {None: None, "hadamard": DenseHadamard(k, 1024), "kronecker": KronTransform(32, 32)}[transform]
+    layer = make_layer(k, 768, 8, 8, transform=t, clip=0.95).to(DEV).half()
+    x = torch.randn(3, tokens, k, device=DEV, dtype=torch.float16)
+    assert dispatch.supports(layer, x) and dispatch._use_sm90_gemm(layer, x.reshape(-1, k))
+    out = layer(x)
+    ref = layer.reference_forward(x.float())
+    assert out.shape == (3, tokens, 768) and rel_err(out, ref) < 2e-2
