@@ -20,10 +20,10 @@ if [[ $STAGES == *build* ]]; then
   [[ $rc -ne 0 ]] && { tail -40 "$OUT/build.log"; exit 1; }
 fi
 if [[ $STAGES == *test* ]]; then
-  timeout 240 python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout 300 python3 -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|FAILED|Error" | head -40
 fi
 if [[ $STAGES == *bench* ]]; then
-  timeout 300 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -120
+  timeout 420 python3 -m benchmarks.kernels --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -120
 fi
 if [[ $STAGES == *ncu* ]]; then
   timeout 120 ncu --clock-control none --kernel-name regex:w4a16_mma --launch-skip 2 --launch-count 1 \
