@@ -44,10 +44,14 @@ from quant.calibration.data import CalibrationData
 from quant.calibration.stats import DEFAULT_SAMPLE_BUDGET_BYTES, ChannelStats, group_key, iter_group_stats
 from quant.methods.base import MethodReport, ProgressCallback, QuantizationMethod, no_progress, register_method, sub_progress
 from quant.methods.common import finalize, is_skipped, quantize_linears
-from quant.methods.scaling import RESIDUAL_OUTPUT_GROUP, MigrationTarget, migrate_group, migration_target
+from quant.methods.scaling import (
+    RESIDUAL_OUTPUT_GROUP,
+    MigrationTarget,
+    migrate_group,
+    migration_target,
+    quantized_output_error,
+)
 from quant.models.adapters import BlockInfo, LinearGroup, get_adapter
-from quant.quantizers.core import fake_quantize
-from quant.quantizers.weight import quantize_weight_rtn
 from quant.recipes.schema import OSPlusParams, Recipe
 
 EPS = 1e-6
@@ -60,42 +64,6 @@ class ScaleSearchResult:
     loss: float  # quantized output error with ``scale``
     baseline_loss: float  # the same error without scaling (threshold = max range)
     candidates: list[tuple[float, float]] = field(default_factory=list)  # (threshold, loss), tried order
-
-
-def _quant_act(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    act = recipe.activation
-    if not act.enabled:
-        return x
-    # mirrors QuantLinear: dynamic per-token fake-quant with the recipe's clip ratio
-    return fake_quantize(x, act.bits, act.symmetric, act.clip_ratio)
-
-
-def _quant_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    if not recipe.weight.enabled:
-        return w
-    return quantize_weight_rtn(w, recipe.weight).dequantize(torch.float32).to(w.device)
-
-
-@torch.no_grad()
-def quantized_output_error(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    recipe: Recipe,
-    scale: torch.Tensor | None = None,
-    reference: list[torch.Tensor] | None = None,
-) -> float:
-    """``sum_k mean_tokens ||Q(x / s) Q(W_k s)^T - x W_k^T||^2`` (biases cancel)."""
-    xf = x.float()
-    xs = xf if scale is None else xf / scale.to(xf.device)
-    xq = _quant_act(xs, recipe)
-    total = 0.0
-    for k, w in enumerate(weights):
-        wf = w.float().to(xf.device)
-        y = reference[k] if reference is not None else xf @ wf.T
-        ws = wf if scale is None else wf * scale.to(xf.device).unsqueeze(0)
-        yq = xq @ _quant_weight(ws, recipe).T
-        total += float((yq - y).pow(2).sum(-1).mean())
-    return total
 
 
 def threshold_candidates(half_range: torch.Tensor, grid: int) -> torch.Tensor:

@@ -16,6 +16,10 @@ module that produces ``X``:
   shift ``z`` is compensated exactly by adding ``z`` to that linear's bias
   (``out + z + (X - z) == out + X``); a per-channel scale is not (LayerNorm mixes channels), so such
   groups take shifts only.
+
+Methods that search their transform (OS+ thresholds, SmoothQuant's per-group alpha) score candidates
+with :func:`quantized_output_error`: the group's output error on sampled calibration tokens with
+activations and weights fake-quantized as the recipe (and :class:`quant.modules.QuantLinear`) does.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from quant.methods.common import fold_into_linear_inputs
 from quant.models.adapters import BlockInfo, LinearGroup, ModelAdapter
 from quant.modules.linear import set_module
 from quant.modules.norms import RMSNormWithBias
+from quant.quantizers.core import fake_quantize
+from quant.quantizers.weight import quantize_weight_rtn
+from quant.recipes.schema import Recipe
 
 #: the group whose single linear adds the residual that a post-LN norm output feeds
 RESIDUAL_OUTPUT_GROUP = {"attn_in": "attn_out", "mlp_in": "mlp_out"}
@@ -185,3 +192,46 @@ def add_to_bias(linear: nn.Linear, value: torch.Tensor) -> None:
         linear.bias = nn.Parameter(v.to(w.dtype), requires_grad=False)
     else:
         linear.bias.data = (linear.bias.data.float() + v).to(linear.bias.dtype)
+
+
+# ------------------------------------------------------------------ search objective
+
+
+def fake_quant_activation(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """Dynamic per-token fake-quant with the recipe's bits and clip ratio, as QuantLinear does."""
+    act = recipe.activation
+    if not act.enabled:
+        return x
+    return fake_quantize(x, act.bits, act.symmetric, act.clip_ratio)
+
+
+def fake_quant_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """RTN quantize-dequantize of ``w`` per the recipe's weight spec (clip search included)."""
+    if not recipe.weight.enabled:
+        return w
+    return quantize_weight_rtn(w, recipe.weight).dequantize(torch.float32).to(w.device)
+
+
+@torch.no_grad()
+def quantized_output_error(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    recipe: Recipe,
+    scale: torch.Tensor | None = None,
+    reference: list[torch.Tensor] | None = None,
+) -> float:
+    """``sum_k mean_tokens ||Q(x / s) Q(W_k s)^T - x W_k^T||^2`` (biases cancel).
+
+    ``reference`` (the FP outputs ``x W_k^T``) may be passed to avoid recomputing it per candidate.
+    """
+    xf = x.float()
+    xs = xf if scale is None else xf / scale.to(xf.device)
+    xq = fake_quant_activation(xs, recipe)
+    total = 0.0
+    for k, w in enumerate(weights):
+        wf = w.float().to(xf.device)
+        y = reference[k] if reference is not None else xf @ wf.T
+        ws = wf if scale is None else wf * scale.to(xf.device).unsqueeze(0)
+        yq = xq @ fake_quant_weight(ws, recipe).T
+        total += float((yq - y).pow(2).sum(-1).mean())
+    return total

@@ -9,11 +9,12 @@ which the service turns into a 422 naming that field.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FP_BITS = 16
 
@@ -121,9 +122,46 @@ class GPTQParams(StrictModel):
     name: Literal["gptq"] = "gptq"
 
 
+#: SmoothQuant's default alpha candidates for ``alpha="auto"``: 0.0, 0.05, ..., 1.0
+DEFAULT_ALPHA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def _check_alpha(value: float, field: str) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{field} must lie in [0, 1], got {value}")
+    return value
+
+
 class SmoothQuantParams(StrictModel):
+    """``alpha``: one migration strength for every group, or ``"auto"``: per linear group, the
+    candidate of ``alpha_grid`` (or no smoothing at all) whose smoothed, fake-quantized output on
+    ``search_tokens`` sampled calibration tokens is closest (MSE) to the FP output."""
+
     name: Literal["smoothquant"] = "smoothquant"
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength")
+    alpha: float | Literal["auto"] = Field(
+        0.5, description="migration strength in [0, 1], or 'auto' to search it per linear group"
+    )
+    alpha_grid: tuple[float, ...] = Field(
+        DEFAULT_ALPHA_GRID, min_length=1, max_length=101,
+        description="alpha candidates tried by alpha='auto' (no smoothing is always tried as well)",
+    )
+    search_tokens: int = Field(
+        1024, ge=16, le=65536, description="calibration tokens per group scoring each alpha='auto' candidate"
+    )
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_range(cls, value: float | str) -> float | str:
+        return value if value == "auto" else _check_alpha(float(value), "alpha")
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _grid_in_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(sorted({_check_alpha(float(a), "alpha_grid values") for a in value}))
+
+    @property
+    def auto(self) -> bool:
+        return self.alpha == "auto"
 
 
 class OSPlusParams(StrictModel):

@@ -51,3 +51,29 @@ def test_defaults_and_round_trips() -> None:
         r.weight.bits = 8  # type: ignore[misc]  # frozen
     with pytest.raises(ValueError, match="mapping"):
         Recipe.from_yaml("- a list\n")
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"alpha": "AUTO"}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha": "auto", "alpha_grid": []}, "alpha_grid"),
+        ({"alpha": "auto", "alpha_grid": [0.5, 1.2]}, "alpha_grid"),
+        ({"alpha": "auto", "search_tokens": 8}, "search_tokens"),
+    ],
+)
+def test_smoothquant_alpha_search_fields_are_validated(params: dict, field: str) -> None:
+    locs = _error_locs({"method": {"name": "smoothquant", **params}})
+    assert any(field in loc for loc in locs), locs
+
+
+def test_smoothquant_alpha_auto_round_trips() -> None:
+    r = Recipe.model_validate({"method": {"name": "smoothquant", "alpha": "auto", "alpha_grid": [0.8, 0.2, 0.8]}})
+    assert r.method.alpha == "auto" and r.method.auto
+    assert r.method.alpha_grid == (0.2, 0.8)  # sorted, deduplicated
+    assert Recipe.from_json(json.dumps(r.to_dict())) == r and Recipe.from_yaml(r.to_yaml()) == r
+    fixed = Recipe.model_validate({"method": {"name": "smoothquant", "alpha": 1}})
+    assert fixed.method.alpha == 1.0 and not fixed.method.auto
+    assert len(fixed.method.alpha_grid) == 21

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from quant.recipes.presets import list_presets
+from quant.recipes.schema import SmoothQuantParams
 
 
 def test_lists_presets_and_own_recipes(client: TestClient, auth: dict[str, str], other_auth: dict[str, str]) -> None:
@@ -25,7 +26,9 @@ def test_validate_fills_defaults(client: TestClient, auth: dict[str, str]) -> No
     r = client.post("/v1/recipes/validate", json={"recipe": {"method": {"name": "smoothquant", "alpha": 0.6}}},
                     headers=auth)
     assert r.status_code == 200, r.text
-    assert r.json()["recipe"]["method"] == {"name": "smoothquant", "alpha": 0.6}
+    method = r.json()["recipe"]["method"]
+    assert method == {**SmoothQuantParams().model_dump(mode="json"), "alpha": 0.6}
+    assert method["name"] == "smoothquant" and "alpha_grid" in method  # defaults filled
     assert r.json()["bits_label"] == "W8A8"
 
 
