@@ -182,7 +182,20 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
             tl = bench([lambda q=q, x=x: sm90_layer(q, x, mode, hb_, a, b) for q, x in zip(wq, xq)])
             add(f"W8A8 wgmma layer with [{tname}]", tl, lb, flops, PEAK_INT8_TOPS, t_fp16,
                 transform_overhead_pct=100.0 * (tl - t_layer) / tl)
-        del wq
+        # W4A8 on the same GEMM: int4 codes unpacked to uint8 (+120) per call
+        w4q = [(rand_codes(n, k, 4), torch.rand(n, generator=gen, device=dev) * 0.01 + 1e-3) for _ in range(copies(wb // 2))]
+        x4 = [xs[i % len(xs)] for i in range(len(w4q))]
+
+        def w4a8_layer(q, x):
+            qa, sa, ca = ext.act_quant_s8(x, clip, 0, 0, None, None)
+            return ext.w8a8_gemm_sm90(qa, sa, ca, ext.unpack_w4_u8(q[0]), q[1], None, cfg)
+
+        t = bench([lambda q=q: ext.unpack_w4_u8(q[0]) for q in w4q])
+        add("W4 unpack_w4_u8 alone", t, 1.5 * wb, 0.0, PEAK_INT8_TOPS)
+        t = bench([lambda q=q, x=x: w4a8_layer(q, x) for q, x in zip(w4q, x4)])
+        add(f"W4A8 act_quant_s8 + unpack + wgmma GEMM (cfg {cfg}) layer (qaas)", t, wb / 2 + m * k * 3 + m * n * 2,
+            flops, PEAK_INT8_TOPS, t_fp16)
+        del wq, w4q
         torch.cuda.empty_cache()
 
     # integer paths on mma.sync: act_quant + int8 tensor-core GEMM (W8A8, W4A8, W4A4) ---------------

@@ -7,9 +7,9 @@ Paths (fp16 activations):
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization) ->
   ``qaas::int8_gemm`` (int8 tensor cores, scales and bias in the epilogue).
-  W8A8 on an extension built with CUTLASS (Hopper): ``qaas::act_quant_s8`` (signed codes and the row-sum
-  term) -> ``qaas::w8a8_gemm_sm90`` (wgmma + TMA, the same epilogue fused), reading the stored uint8
-  weight codes directly.
+  W8A8 and W4A8 on an extension built with CUTLASS (Hopper): ``qaas::act_quant_s8`` (signed codes and
+  the row-sum term) -> ``qaas::w8a8_gemm_sm90`` (wgmma + TMA, the same epilogue fused), reading the
+  stored uint8 weight codes directly (W4: ``qaas::unpack_w4_u8`` first, codes + 120).
 The layer's online transform is matched against the kernel's: block-diagonal Hadamard or Kronecker
 ``kron(P1, P2)`` found among the transform's square tensors, by probing it on random inputs once;
 any other transform runs in torch before the fused quantization kernel.
@@ -212,7 +212,8 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     w_scale = _derived(layer, "w_scale_ch", layer.w_scale, lambda s: s.detach()[:, 0].float().contiguous())
     if _use_sm90_gemm(layer, x2):
         qa, a_scale, a_corr = k.act_quant_s8(x2, clip, tp.mode, tp.hadamard_block, p1, p2)
-        out = k.w8a8_gemm_sm90(qa, a_scale, a_corr, layer.qweight, w_scale, bias, -1)
+        w_u8 = layer.qweight if layer.weight_bits == 8 else k.unpack_w4_u8(layer.qweight)
+        out = k.w8a8_gemm_sm90(qa, a_scale, a_corr, w_u8, w_scale, bias, -1)
         return out.to(x.dtype).reshape(*lead, layer.out_features)
     codes, a_scale = k.act_quant(x2, layer.act_bits, clip, tp.mode, tp.hadamard_block, p1, p2)
     out = k.int8_gemm(codes, layer.act_bits, a_scale, layer.qweight, layer.weight_bits, w_scale, bias)
@@ -220,11 +221,12 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
 
 
 def _use_sm90_gemm(layer: "QuantLinear", x2: torch.Tensor) -> bool:
-    """W8A8 on CUDA through the Hopper wgmma GEMM: extension built with CUTLASS, sm_90 device, K and N
-    multiples of 16, at least ``SM90_GEMM_MIN_TOKENS`` tokens."""
-    if not x2.is_cuda or layer.act_bits != 8 or layer.weight_bits != 8 or x2.shape[0] < SM90_GEMM_MIN_TOKENS:
+    """W8A8 and W4A8 on CUDA through the Hopper wgmma GEMM (W4 codes unpacked to uint8 per call, zero
+    point 128): extension built with CUTLASS, sm_90 device, K a multiple of 32 and N of 16, at least
+    ``SM90_GEMM_MIN_TOKENS`` tokens."""
+    if not x2.is_cuda or layer.act_bits != 8 or layer.weight_bits not in (4, 8) or x2.shape[0] < SM90_GEMM_MIN_TOKENS:
         return False
-    if layer.in_features % 16 or layer.out_features % 16:
+    if layer.in_features % 32 or layer.out_features % 16:
         return False
     ext = extension()
     return ext is not None and bool(ext.has_sm90_gemm()) and torch.cuda.get_device_capability(x2.device) == (9, 0)

@@ -111,6 +111,17 @@ def _w8a8_gemm_sm90_fake(a, a_scale, a_corr, w, w_scale, bias, config):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=torch.float16)
 
 
+@torch.library.custom_op("qaas::unpack_w4_u8", mutates_args=())
+def unpack_w4_u8(qweight: Tensor) -> Tensor:
+    """int4 weight codes ``[N, K/2]`` -> uint8 ``u + 120`` ``[N, K]`` (zero point 128) for the Hopper GEMM."""
+    return reference.unpack_w4_u8_ref(qweight)
+
+
+@unpack_w4_u8.register_fake
+def _unpack_w4_u8_fake(qweight):
+    return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2))
+
+
 def _register_cuda_kernels() -> bool:
     ext = extension()
     if ext is None:
@@ -138,6 +149,10 @@ def _register_cuda_kernels() -> bool:
     def _w8a8_gemm_sm90_cuda(a, a_scale, a_corr, w, w_scale, bias, config):
         return ext.w8a8_gemm_sm90(a, a_scale, a_corr, w, w_scale, bias, config)
 
+    def _unpack_w4_u8_cuda(qweight):
+        return ext.unpack_w4_u8(qweight)
+
+    unpack_w4_u8.register_kernel("cuda")(_unpack_w4_u8_cuda)
     act_quant_s8.register_kernel("cuda")(_act_quant_s8_cuda)
     w8a8_gemm_sm90.register_kernel("cuda")(_w8a8_gemm_sm90_cuda)
     act_quant.register_kernel("cuda")(_act_quant_cuda)

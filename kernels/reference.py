@@ -100,6 +100,12 @@ def act_quant_s8_ref(
     return q.to(torch.int8), scale, corr
 
 
+def unpack_w4_u8_ref(qweight: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``[N, K/2]`` -> uint8 codes ``u + 120`` ``[N, K]``: the symmetric int4 zero point 8 lands
+    on 128, so :func:`w8a8_gemm_sm90_ref` (and the Hopper GEMM) computes W4A8 unchanged."""
+    return (unpack_int4(qweight).to(torch.int16) + 120).to(torch.uint8)
+
+
 def dequant_w4_ref(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """int4 codes ``[N, K/2]`` with per-group scale/zero ``[N, K/group]`` -> fp16 ``[N, K]``."""
     u = unpack_int4(qweight).float()

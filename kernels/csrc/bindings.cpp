@@ -25,6 +25,7 @@ at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, c
                                const at::Tensor& w, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
                                int64_t config);
 bool has_sm90_gemm();
+at::Tensor unpack_w4_u8_cuda(const at::Tensor& qw);
 }  // namespace qaas
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -41,5 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused online transform + per-token int8 quantisation to SIGNED codes, with 128 * row sums (sm90 GEMM input)");
   m.def("w8a8_gemm_sm90", &qaas::w8a8_gemm_sm90_cuda,
         "W8A8 GEMM on Hopper wgmma (CUTLASS collective): signed int8 activations x uint8 weight codes, scale epilogue");
+  m.def("unpack_w4_u8", &qaas::unpack_w4_u8_cuda,
+        "int4 weight codes -> uint8 codes + 120 (zero point 128): W4 weights on the sm90 GEMM");
   m.def("has_sm90_gemm", &qaas::has_sm90_gemm, "whether the extension was built with the CUTLASS sm90 GEMM");
 }

@@ -2,6 +2,7 @@
 // undefined) has_sm90_gemm() is false and a call fails with a clear message; dispatch never calls it then.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #ifdef QAAS_WITH_CUTLASS
@@ -9,6 +10,43 @@
 #endif
 
 namespace qaas {
+namespace {
+
+// int4 codes (two per byte, element 2j in the low nibble) -> uint8 codes u + 120: zero point 8 becomes 128,
+// so W4 weights feed the same s8 x u8 GEMM and a_corr = 128 * sum_k q correction as W8 weights.
+__global__ void unpack_w4_u8_kernel(const uint4* __restrict__ in, uint4* __restrict__ out, size_t n16) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n16) return;
+  const uint4 v = __ldg(in + i);
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  uint32_t o[8];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t lo = w[q] & 0x0F0F0F0Fu, hi = (w[q] >> 4) & 0x0F0F0F0Fu;
+    o[2 * q] = __byte_perm(lo, hi, 0x5140) + 0x78787878u;  // bytes <= 15 + 120: no carries
+    o[2 * q + 1] = __byte_perm(lo, hi, 0x7362) + 0x78787878u;
+  }
+  out[2 * i] = make_uint4(o[0], o[1], o[2], o[3]);
+  out[2 * i + 1] = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+}  // namespace
+
+at::Tensor unpack_w4_u8_cuda(const at::Tensor& qw) {
+  TORCH_CHECK(qw.is_cuda() && qw.dim() == 2 && qw.is_contiguous() && qw.scalar_type() == at::kByte,
+              "unpack_w4_u8: qweight must be contiguous uint8 [N, K/2] on CUDA");
+  TORCH_CHECK(qw.size(1) % 16 == 0, "unpack_w4_u8: K must be a multiple of 32");
+  TORCH_CHECK((reinterpret_cast<uintptr_t>(qw.data_ptr()) & 15) == 0, "unpack_w4_u8: qweight must be 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(qw.device());
+  auto out = at::empty({qw.size(0), qw.size(1) * 2}, qw.options());
+  const size_t n16 = (size_t)qw.numel() / 16;
+  if (n16 == 0) return out;
+  const int threads = 256;
+  unpack_w4_u8_kernel<<<(unsigned)((n16 + threads - 1) / threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(qw.data_ptr<uint8_t>()), reinterpret_cast<uint4*>(out.data_ptr<uint8_t>()), n16);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
 
 bool has_sm90_gemm() {
 #ifdef QAAS_WITH_CUTLASS

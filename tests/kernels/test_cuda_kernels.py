@@ -204,3 +204,21 @@ def test_quantlinear_w8a8_takes_sm90_path(transform, tokens) -> None:
     out = layer(x)
     ref = layer.reference_forward(x.float())
     assert out.shape == (3, tokens, 768) and rel_err(out, ref) < 2e-2
+
+
+def test_unpack_w4_u8_exact() -> None:
+    gen = torch.Generator().manual_seed(21)
+    qw = _rand_codes((300, 1024), 4, gen)
+    _poison(300 * 1024)
+    out = torch.ops.qaas.unpack_w4_u8(qw.to(DEV)).cpu()
+    assert torch.equal(out, reference.unpack_w4_u8_ref(qw))
+
+
+@pytest.mark.parametrize("tokens", [1, 200])
+def test_quantlinear_w4a8_takes_sm90_path(tokens) -> None:
+    k = 1024
+    layer = make_layer(k, 768, 4, 8, transform=DenseHadamard(k, 1024), clip=0.95).to(DEV).half()
+    x = torch.randn(2, tokens, k, device=DEV, dtype=torch.float16)
+    assert dispatch.supports(layer, x) and dispatch._use_sm90_gemm(layer, x.reshape(-1, k))
+    out = layer(x)
+    assert rel_err(out, layer.reference_forward(x.float())) < 2e-2
