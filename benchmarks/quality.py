@@ -9,6 +9,8 @@ short still leaves its rows) as JSON and a markdown table under ``--out``.
 
     python -m benchmarks.quality --device cuda --out benchmarks/results           # GPU machine
     python -m benchmarks.quality render benchmarks/results/quality_X.json --append benchmarks/RESULTS.md
+    python -m benchmarks.quality --models qaas/llama-small --settings w4a4 --device cpu \
+        --methods rtn smoothquant 'smoothquant:{"alpha": "auto"}'                # method-parameter variants
 
 The FP baseline is the model as shipped (fp16 weights for qaas/llama-small, fp32 for MiniLM) run in
 ``--dtype`` (float32 by default): methods calibrate and fake-quantize in that precision.
@@ -41,11 +43,29 @@ def machine_name(device: str) -> str:
     return f"CPU {platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"
 
 
-def _recipe(method: str, setting: str, args: argparse.Namespace):
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:{json}``: a method and the parameters overriding its preset's ones."""
+    name, sep, params = spec.partition(":")
+    if not sep:
+        return name, {}
+    value = json.loads(params)
+    if not isinstance(value, dict):
+        raise ValueError(f"method parameters must be a JSON object: {spec!r}")
+    return name, value
+
+
+def method_label(method: str, params: dict[str, Any] | None) -> str:
+    if not params:
+        return method
+    return f"{method} ({', '.join(f'{k}={v}' for k, v in params.items())})"
+
+
+def _recipe(method: str, setting: str, args: argparse.Namespace, params: dict[str, Any] | None = None):
     from quant.recipes import presets
     from quant.recipes.schema import Recipe
 
     body = presets.get_preset(f"{method}-{setting}").to_dict()
+    body["method"].update(params or {})
     body["calibration"] = {"source": args.corpus, "num_samples": args.calib_samples, "seq_len": args.seq_len,
                            "seed": args.seed, "batch_size": args.batch_size}
     body["evaluation"] = {"corpus": args.corpus, "num_samples": args.eval_samples, "seq_len": args.seq_len}
@@ -60,8 +80,9 @@ def run(args: argparse.Namespace) -> Path:
     from quant.recipes.schema import METHOD_NAMES
 
     available = set(registered_methods())
-    methods = [m for m in (args.methods or METHOD_NAMES) if m in available]
-    missing = [m for m in (args.methods or METHOD_NAMES) if m not in available]
+    specs = [parse_method(m) for m in (args.methods or METHOD_NAMES)]
+    methods = [(m, params) for m, params in specs if m in available]
+    missing = [m for m, _ in specs if m not in available]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +96,7 @@ def run(args: argparse.Namespace) -> Path:
         "corpus": args.corpus,
         "calibration": {"num_samples": args.calib_samples, "seq_len": args.seq_len, "seed": args.seed},
         "evaluation": {"num_samples": args.eval_samples, "seq_len": args.seq_len},
-        "methods_run": methods,
+        "methods_run": [method_label(m, params) for m, params in methods],
         "methods_not_registered": missing,
         "rows": [],
     }
@@ -83,8 +104,10 @@ def run(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         for model_id in args.models:
             for setting in args.settings:
-                for method in methods:
+                for method, params in methods:
                     row: dict[str, Any] = {"model": model_id, "setting": setting, "method": method}
+                    if params:
+                        row["method_params"] = params
                     if time.perf_counter() - start > args.time_limit:
                         row.update(status="not run (time limit)")
                         doc["rows"].append(row)
@@ -92,8 +115,9 @@ def run(args: argparse.Namespace) -> Path:
                     t0 = time.perf_counter()
                     try:
                         result = run_quantization(JobSpec(
-                            model_id=model_id, recipe=_recipe(method, setting, args),
-                            artifact_dir=Path(tmp) / f"{method}-{setting}", device=args.device, dtype=args.dtype,
+                            model_id=model_id, recipe=_recipe(method, setting, args, params),
+                            artifact_dir=Path(tmp) / f"{method}-{setting}-{len(doc['rows'])}", device=args.device,
+                            dtype=args.dtype,
                         ))
                         row.update(status="ok", kind=result.model_kind, metrics=result.metrics)
                     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the benchmark
@@ -152,7 +176,8 @@ def render(doc: dict[str, Any]) -> str:
                 cells = [_fmt(m.get("quant_ppl"), ".3f"), _fmt(m.get("ppl_increase_pct"), "+.2f"),
                          _fmt(m.get("kl_mean"), ".4f"), _fmt(m.get("top1_agreement"), ".4f")]
             cells.append(_fmt(m.get("calibration_seconds"), ".1f"))
-            lines.append(f"| {r['setting'].upper()} | {r['method']} | " + " | ".join(cells) + f" | {status} |")
+            label = method_label(r["method"], r.get("method_params"))
+            lines.append(f"| {r['setting'].upper()} | {label} | " + " | ".join(cells) + f" | {status} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -185,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="preset bit settings")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help='default: every registered method; NAME:{json} overrides method parameters, '
+                        'e.g. \'smoothquant:{"alpha": "auto"}\'')
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--corpus", default="default")
