@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 FP_BITS = 16
 GEMV_MAX_TOKENS = 16
-SM90_GEMM_MIN_TOKENS = 1  # W8A8 takes the Hopper wgmma GEMM from this many tokens (when built with it)
+SM90_GEMM_MIN_TOKENS = {8: 1, 4: 64}  # by weight bits: tokens from which W8A8 / W4A8 take the Hopper wgmma
+# GEMM (when built with it). W4A8 unpacks its int4 codes per call (26 us for 4096x11008 on the H100), which
+# only pays off once the GEMM dominates (run h100-v5b: at 1-16 tokens the mma.sync kernel is faster).
 SMEM_LIMIT_BYTES = 220 * 1024
 _PLAN_ATTR = "_qaas_kernel_plan"
 _CACHE_ATTR = "_qaas_kernel_cache"
@@ -224,7 +226,9 @@ def _use_sm90_gemm(layer: "QuantLinear", x2: torch.Tensor) -> bool:
     """W8A8 and W4A8 on CUDA through the Hopper wgmma GEMM (W4 codes unpacked to uint8 per call, zero
     point 128): extension built with CUTLASS, sm_90 device, K a multiple of 32 and N of 16, at least
     ``SM90_GEMM_MIN_TOKENS`` tokens."""
-    if not x2.is_cuda or layer.act_bits != 8 or layer.weight_bits not in (4, 8) or x2.shape[0] < SM90_GEMM_MIN_TOKENS:
+    if not x2.is_cuda or layer.act_bits != 8 or layer.weight_bits not in SM90_GEMM_MIN_TOKENS:
+        return False
+    if x2.shape[0] < SM90_GEMM_MIN_TOKENS[layer.weight_bits]:
         return False
     if layer.in_features % 32 or layer.out_features % 16:
         return False

@@ -215,10 +215,11 @@ def test_unpack_w4_u8_exact() -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 200])
-def test_quantlinear_w4a8_takes_sm90_path(tokens) -> None:
+def test_quantlinear_w4a8_takes_sm90_path_for_prefill(tokens) -> None:
     k = 1024
     layer = make_layer(k, 768, 4, 8, transform=DenseHadamard(k, 1024), clip=0.95).to(DEV).half()
     x = torch.randn(2, tokens, k, device=DEV, dtype=torch.float16)
-    assert dispatch.supports(layer, x) and dispatch._use_sm90_gemm(layer, x.reshape(-1, k))
+    assert dispatch.supports(layer, x)
+    assert dispatch._use_sm90_gemm(layer, x.reshape(-1, k)) == (2 * tokens >= dispatch.SM90_GEMM_MIN_TOKENS[4])
     out = layer(x)
     assert rel_err(out, layer.reference_forward(x.float())) < 2e-2
