@@ -20,6 +20,12 @@ def test_every_preset_validates() -> None:
     assert get_preset("flatquant-w4a4kv4").kv_cache.bits == 4
 
 
+def test_smoothquant_presets_search_alpha_per_group() -> None:
+    for setting in BIT_SETTINGS:
+        method = get_preset(f"smoothquant-{setting}").method
+        assert method.name == "smoothquant" and method.alpha == "auto"
+
+
 def test_unknown_preset() -> None:
     with pytest.raises(KeyError):
         get_preset("rtn-w3a3")
