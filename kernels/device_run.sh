@@ -31,6 +31,9 @@ if [[ $STAGES == *ncu* ]]; then
     --section LaunchStats python3 -m kernels.profile_w4a16 > "$OUT/ncu_w4a16.txt" 2>&1
   grep -E "Duration|Throughput|Bandwidth|Achieved Occupancy|Registers|Stall|L1/TEX Hit|L2 Hit|Warp Cycles" "$OUT/ncu_w4a16.txt" | head -40
 fi
+if [[ $STAGES == *kv* ]]; then
+  timeout 200 python3 -m benchmarks.kv_attention --out "$OUT" 2>&1 | tee "$OUT/kv_attention.log" | tail -40
+fi
 if [[ $STAGES == *e2e* ]]; then
   timeout 240 python3 -m benchmarks.e2e_generation --layers 8 --new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -12
 fi

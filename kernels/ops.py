@@ -122,6 +122,49 @@ def _unpack_w4_u8_fake(qweight):
     return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2))
 
 
+@torch.library.custom_op("qaas::kv_quantize", mutates_args=())
+def kv_quantize(x: Tensor, bits: int, symmetric: bool, clip: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token-per-head KV-cache quantization of ``x [..., head_dim]`` fp16 (reduction over ``head_dim``):
+    uint8 codes ``[..., D]`` (8 bits) or ``[..., D/2]`` (4 bits), float32 scale and zero ``[...]``."""
+    return reference.kv_quantize_ref(x, bits, symmetric, clip)
+
+
+@kv_quantize.register_fake
+def _kv_quantize_fake(x, bits, symmetric, clip):
+    lead = x.shape[:-1]
+    d = x.shape[-1] if bits == 8 else x.shape[-1] // 2
+    return (
+        x.new_empty((*lead, d), dtype=torch.uint8),
+        x.new_empty(lead, dtype=torch.float32),
+        x.new_empty(lead, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("qaas::kv_decode_attention", mutates_args=())
+def kv_decode_attention(
+    q: Tensor,
+    k_codes: Tensor,
+    k_scale: Tensor,
+    k_zero: Tensor,
+    v_codes: Tensor,
+    v_scale: Tensor,
+    v_zero: Tensor,
+    bits: int,
+    seq_lens: Tensor,
+    sm_scale: float,
+) -> Tensor:
+    """One decode step: ``q [B, Hq, D]`` attends over the first ``seq_lens[b]`` positions of the quantized
+    caches ``[B, Hkv, Lmax, D*bits/8]`` (scale/zero ``[B, Hkv, Lmax]``; GQA), output ``[B, Hq, D]`` in q's dtype."""
+    return reference.kv_decode_attention_ref(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, seq_lens, sm_scale
+    )
+
+
+@kv_decode_attention.register_fake
+def _kv_decode_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, seq_lens, sm_scale):
+    return q.new_empty(q.shape)
+
+
 def _register_cuda_kernels() -> bool:
     ext = extension()
     if ext is None:
@@ -164,3 +207,23 @@ def _register_cuda_kernels() -> bool:
 
 
 CUDA_KERNELS_REGISTERED = _register_cuda_kernels()
+
+
+def _register_kv_cuda_kernels() -> bool:
+    """CUDA kernels of the quantized-KV-cache ops (kernels/csrc/kv_attention.cu), when the build has them."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "kv_decode_attention"):
+        return False
+
+    def _kv_quantize_cuda(x, bits, symmetric, clip):
+        return tuple(ext.kv_quantize(x, bits, symmetric, clip))
+
+    def _kv_decode_attention_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, seq_lens, sm_scale):
+        return ext.kv_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, seq_lens, sm_scale)
+
+    kv_quantize.register_kernel("cuda")(_kv_quantize_cuda)
+    kv_decode_attention.register_kernel("cuda")(_kv_decode_attention_cuda)
+    return True
+
+
+KV_CUDA_KERNELS_REGISTERED = _register_kv_cuda_kernels()

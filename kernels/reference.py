@@ -180,3 +180,74 @@ def scale_epilogue_ref(
     if bias is not None:
         out = out + bias.double()
     return out.to(torch.float16)
+
+
+# ------------------------------------------------------------------------------ quantized KV cache
+def kv_quantize_ref(
+    x: torch.Tensor, bits: int, symmetric: bool, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token-per-head quantization of a cache tensor ``[..., head_dim]`` (reduction over ``head_dim``),
+    float32 math of :func:`compute_qparams` / :func:`quantize_codes`: (codes uint8 ``[..., D]`` (8 bits) or
+    ``[..., D/2]`` (4 bits, element ``2j`` in the low nibble), scale f32 ``[...]``, zero f32 ``[...]``)."""
+    if bits not in (4, 8):
+        raise ValueError("kv_quantize supports 4 or 8 bits")
+    xf = x.float()
+    qp = compute_qparams(xf, bits, symmetric=symmetric, clip_ratio=clip)
+    codes = quantize_codes(xf, qp)
+    if bits == 4:
+        codes = pack_int4(codes)
+    return codes, qp.scale.squeeze(-1).float().contiguous(), qp.zero.squeeze(-1).float().contiguous()
+
+
+def kv_dequantize_ref(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``(u - z) * s`` per row, in ``dtype`` (float64 by default): the inverse of :func:`kv_quantize_ref`."""
+    u = unpack_int4(codes) if bits == 4 else codes
+    return ((u.to(dtype) - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).to(dtype)
+
+
+def kv_decode_attention_f64(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    bits: int,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """float64 decode attention of ``q [B, Hq, D]`` over the first ``seq_lens[b]`` positions of the dequantized
+    caches ``[B, Hkv, Lmax, ...]`` (GQA: query head ``h`` reads KV head ``h // (Hq / Hkv)``); an empty
+    sequence gives 0."""
+    k = kv_dequantize_ref(k_codes, k_scale, k_zero, bits)
+    v = kv_dequantize_ref(v_codes, v_scale, v_zero, bits)
+    b, hq, d = q.shape
+    hkv, lmax = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    qg = q.double().reshape(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bkgd,bkld->bkgl", qg, k) * sm_scale
+    valid = torch.arange(lmax, device=q.device).unsqueeze(0) < seq_lens.to(q.device).long().unsqueeze(1)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bkgl,bkld->bkgd", p, v).reshape(b, hq, d)
+
+
+def kv_decode_attention_ref(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    bits: int,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """:func:`kv_decode_attention_f64` returned in ``q``'s dtype (what the CUDA kernel computes)."""
+    out = kv_decode_attention_f64(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, seq_lens, sm_scale)
+    return out.to(q.dtype)

@@ -26,6 +26,12 @@ at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, c
                                int64_t config);
 bool has_sm90_gemm();
 at::Tensor unpack_w4_u8_cuda(const at::Tensor& qw);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor& x, int64_t bits, bool symmetric,
+                                                                double clip);
+at::Tensor kv_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                    const at::Tensor& k_zero, const at::Tensor& v_codes, const at::Tensor& v_scale,
+                                    const at::Tensor& v_zero, int64_t bits, const at::Tensor& seq_lens,
+                                    double sm_scale);
 }  // namespace qaas
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -44,5 +50,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "W8A8 GEMM on Hopper wgmma (CUTLASS collective): signed int8 activations x uint8 weight codes, scale epilogue");
   m.def("unpack_w4_u8", &qaas::unpack_w4_u8_cuda,
         "int4 weight codes -> uint8 codes + 120 (zero point 128): W4 weights on the sm90 GEMM");
+  m.def("kv_quantize", &qaas::kv_quantize_cuda,
+        "per-token-per-head KV-cache quantisation over head_dim: (uint8 codes, fp32 scale, fp32 zero)");
+  m.def("kv_decode_attention", &qaas::kv_decode_attention_cuda,
+        "split-K decode attention over an int8/int4 quantised KV cache (GQA, ragged seq_lens), fp16 out");
   m.def("has_sm90_gemm", &qaas::has_sm90_gemm, "whether the extension was built with the CUTLASS sm90 GEMM");
 }
