@@ -1,23 +1,49 @@
-// Fused online transform + per-token symmetric activation quantization, in one kernel.
+// Fused online transform + per-token symmetric activation quantization.
 //
-// One block handles whole rows (tokens), striding over rows so that the Kronecker factors are loaded
-// into shared memory once per block. Per row:
-//   1. load the row into shared memory as float32;
-//   2. transform: none | block-diagonal Hadamard (in-place fast Walsh-Hadamard butterflies over blocks
-//      of a power-of-two size hb, normalised by 1/sqrt(hb)) | Kronecker affine Y = P1^T X P2 with
-//      X = row.reshape(n1, n2) (== x @ kron(P1, P2));
-//   3. absmax over the row, scale = max(absmax * clip / qmax_signed, eps);
-//   4. codes u = clamp(rint(v / scale), -h, h) + 2**(bits-1), int8 one per byte or int4 two per byte.
+// Two kernels compute the same function:
+//
+// * act_quant_tc_kernel (fp16 input; Kronecker with n1, n2 multiples of 16 and <= 128; block Hadamard of
+//   a power-of-two size 256 <= hb <= 16384): the transform on tensor cores (mma.sync m16n8k16, fp16 x
+//   fp16 -> fp32). A chunk of n1 * n2 consecutive row elements, reshaped X [n1, n2], becomes
+//   Y = P1^T X P2 (Kronecker: the whole row, x @ kron(P1, P2); Hadamard: each hb block, P1 = H_n1,
+//   P2 = H_n2 as +-1 Sylvester matrices, since H_{n1 n2} = H_n1 (x) H_n2, then * 1/sqrt(hb) in fp32).
+//   Persistent blocks of 8 warps take TB tokens per round; rows arrive in shared memory by cp.async
+//   (16 bytes, double-buffered: the next round loads while this one computes); P1, P2 are staged once
+//   per block as fp16 fragments. A warp "unit" is (token, chunk, 16 output columns j): step 1 computes
+//   T^T[j, :] = P2[:, j]^T X^T (A = P2^T fragments, B = X by ldmatrix), whose accumulators are exactly
+//   the B fragments of step 2, Y[:, j] = P1^T T[:, j] (no shuffles, nothing through shared memory).
+//   Precision (default): P = P_hi + P_lo and T = T_hi + T_lo in fp16, Y ~= P1hi^T Thi + P1hi^T Tlo +
+//   P1lo^T Thi with T = X P2hi + X P2lo (Hadamard: P exact, only T is split); T is scaled by a power of
+//   two per unit first, so fp16 neither overflows nor loses the low part to subnormals. FAST (environment
+//   QAAS_ACT_QUANT_FAST=1, read once): plain fp16 P and T, 2 products instead of 5 (Hadamard 2 vs 3).
+//   Y stays in registers; per-token absmax by warp shuffles + shared atomics; codes are written to
+//   shared memory and leave with coalesced 16-byte stores.
+// * act_quant_kernel (every other case: bf16 / fp32 input, other sizes, no transform): one block per row
+//   at a time, row staged in shared memory as fp32, in-place butterflies or scalar fp32 products.
+//
+// Quantization (both): v = transformed value (Hadamard: * 1/sqrt(hb) in fp32), scale =
+// max(absmax(v) * clip / qmax, 1e-8), q = clamp(rint(v / scale), -qmax, qmax) (a true division, rint =
+// round half to even); unsigned codes u = q + 2^(bits-1) (int4 two per byte, element 2j in the low
+// nibble), or (act_quant_s8) signed int8 q with a_corr = 128 * sum_k q (exact int32).
+// QAAS_ACT_QUANT_TC=0 (read once) forces the scalar kernel everywhere (A/B comparisons).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "common.cuh"
 
 namespace qaas {
 namespace {
 
+enum OutForm : int { kOutU8 = 0, kOutU4 = 1, kOutS8 = 2 };
+
+// =========================================================================================== scalar path
 constexpr int kThreads = 256;
 
 template <typename T>
@@ -51,14 +77,31 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return red[32];
 }
 
-// MODE: 0 none, 1 block-diagonal Hadamard, 2 Kronecker.
-template <typename T, int MODE, int BITS>
+__device__ __forceinline__ int block_sum_int(int v, int* red) {
+  v = __reduce_add_sync(0xffffffffu, v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = (lane < (int)(blockDim.x >> 5)) ? red[lane] : 0;
+    w = __reduce_add_sync(0xffffffffu, w);
+    if (lane == 0) red[32] = w;
+  }
+  __syncthreads();
+  return red[32];
+}
+
+// MODE: 0 none, 1 block-diagonal Hadamard, 2 Kronecker. OUT: kOutU8 / kOutU4 (unsigned codes) or kOutS8
+// (signed int8 codes, corr[m] = 128 * row sum).
+template <typename T, int MODE, int OUT>
 __global__ void __launch_bounds__(kThreads) act_quant_kernel(
     const T* __restrict__ x, int M, int K, const float* __restrict__ clip, int hb, float had_norm,
     const float* __restrict__ p1, const float* __restrict__ p2, int n1, int n2,
-    uint8_t* __restrict__ codes, float* __restrict__ scales) {
+    uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
+  constexpr int BITS = OUT == kOutU4 ? 4 : 8;
   extern __shared__ float smem[];
   __shared__ float red[33];
+  __shared__ int ired[33];
   float* row = smem;                   // K
   float* tmp = smem + K;               // K (Kronecker only)
   float* sp1 = tmp + K;                // n1 * n1
@@ -113,10 +156,20 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(
     if (threadIdx.x == 0) scales[m] = scale;
     if constexpr (BITS == 8) {
       uint8_t* out = codes + (size_t)m * K;
+      int rsum = 0;
       for (int i = threadIdx.x; i < K; i += blockDim.x) {
         float q = rintf((row[i] * norm) / scale);
         q = fminf(fmaxf(q, (float)-half_q), (float)half_q);
-        out[i] = (uint8_t)((int)q + zero_q);
+        if constexpr (OUT == kOutS8) {
+          out[i] = (uint8_t)(int8_t)(int)q;
+          rsum += (int)q;
+        } else {
+          out[i] = (uint8_t)((int)q + zero_q);
+        }
+      }
+      if constexpr (OUT == kOutS8) {
+        rsum = block_sum_int(rsum, ired);
+        if (threadIdx.x == 0) corr[m] = 128 * rsum;
       }
     } else {
       uint8_t* out = codes + (size_t)m * (K / 2);
@@ -131,14 +184,14 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(
   }
 }
 
-template <typename T, int MODE, int BITS>
-void launch(const at::Tensor& x, const at::Tensor& clip, int hb, const float* p1, const float* p2, int n1,
-            int n2, at::Tensor& codes, at::Tensor& scales) {
+template <typename T, int MODE, int OUT>
+void launch_scalar(const at::Tensor& x, const at::Tensor& clip, int hb, const float* p1, const float* p2, int n1,
+                   int n2, uint8_t* codes, float* scales, int* corr) {
   const int M = x.size(0), K = x.size(1);
   size_t floats = K;
   if (MODE == 2) floats = 2 * (size_t)K + (size_t)n1 * n1 + (size_t)n2 * n2;
   const size_t bytes = floats * sizeof(float);
-  auto kernel = act_quant_kernel<T, MODE, BITS>;
+  auto kernel = act_quant_kernel<T, MODE, OUT>;
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   }
@@ -150,20 +203,539 @@ void launch(const at::Tensor& x, const at::Tensor& clip, int hb, const float* p1
   const float had_norm = MODE == 1 ? (float)(1.0 / std::sqrt((double)hb)) : 1.f;
   kernel<<<grid, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), M, K, clip.data_ptr<float>(), hb, had_norm, p1, p2, n1, n2,
-      codes.data_ptr<uint8_t>(), scales.data_ptr<float>());
+      codes, scales, corr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void dispatch_mode(int mode, int bits, const at::Tensor& x, const at::Tensor& clip, int hb, const float* p1,
-                   const float* p2, int n1, int n2, at::Tensor& codes, at::Tensor& scales) {
-#define QAAS_AQ(MODE_)                                                              \
-  if (bits == 8) launch<T, MODE_, 8>(x, clip, hb, p1, p2, n1, n2, codes, scales);   \
-  else launch<T, MODE_, 4>(x, clip, hb, p1, p2, n1, n2, codes, scales);
-  if (mode == 0) { QAAS_AQ(0) }
-  else if (mode == 1) { QAAS_AQ(1) }
-  else { QAAS_AQ(2) }
-#undef QAAS_AQ
+template <typename T, int OUT>
+void dispatch_scalar(int mode, const at::Tensor& x, const at::Tensor& clip, int hb, const float* p1,
+                     const float* p2, int n1, int n2, uint8_t* codes, float* scales, int* corr) {
+  if (mode == 0) launch_scalar<T, 0, OUT>(x, clip, hb, p1, p2, n1, n2, codes, scales, corr);
+  else if (mode == 1) launch_scalar<T, 1, OUT>(x, clip, hb, p1, p2, n1, n2, codes, scales, corr);
+  else launch_scalar<T, 2, OUT>(x, clip, hb, p1, p2, n1, n2, codes, scales, corr);
+}
+
+// ====================================================================================== tensor-core path
+namespace tc {
+
+constexpr int kWarps = 8;
+constexpr int kThreadsTc = kWarps * 32;
+constexpr int kMaxTB = 16;  // tokens per round, at most
+
+// Units (16 output columns of one chunk) a warp keeps in registers per round (RMAX), two variants:
+// wide: RMAX * N1 / 2 <= 64 fp32 registers of Y, one block (8 warps) per SM (~160 registers);
+// narrow (N1 <= 64): RMAX * N1 / 2 <= 32, <= 128 registers, two blocks per SM, so one block's
+// quantization / barriers overlap the other's tensor-core work. The host takes narrow where it fits.
+__host__ __device__ constexpr int rmax_wide(int n1) { return n1 <= 64 ? 128 / n1 : 1; }
+__host__ __device__ constexpr int rmax_narrow(int n1) { return n1 <= 64 ? 64 / n1 : 0; }
+__host__ __device__ constexpr int min_blocks(int n1, int rmax) { return rmax * n1 <= 64 ? 2 : 1; }
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gptr) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gptr) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ uint4 lds128(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// Output-column permutation inside a 16-column tile: the accumulator slot s = 8*nj + 2*t + e (n-tile nj,
+// lane t, element e) holds physical column 4*t + 2*nj + e, so a lane's four values of one row are four
+// consecutive columns. slot_of_col is its inverse (physical column p -> slot).
+__device__ __forceinline__ int slot_of_col(int p) { return ((p >> 1) & 1) * 8 + (p >> 2) * 2 + (p & 1); }
+
+// Position (lane * 8 + h) of element (r, c) of a 16x16 m16n8k16 A tile in its fragment-ordered copy:
+// lane (g, t) holds {(g,2t),(g,2t+1)}, {(g+8,2t),(g+8,2t+1)}, {(g,2t+8),(g,2t+9)}, {(g+8,2t+8),(g+8,2t+9)}.
+__device__ __forceinline__ int afrag_pos(int r, int c) {
+  return ((r & 7) * 4 + ((c & 7) >> 1)) * 8 + (c >> 3) * 4 + (r >> 3) * 2 + (c & 1);
+}
+
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+// (a, b) -> fp16 pair hi and the fp16 pair of the residuals lo (a ~= hi + lo to ~2^-22 relative).
+__device__ __forceinline__ void split_pair(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(a, b);
+  const float2 hf = __half22float2(h);
+  hi = h2_bits(h);
+  lo = h2_bits(__floats2half2_rn(a - hf.x, b - hf.y));
+}
+
+template <int QMAX>
+__device__ __forceinline__ int quant1(float v, float scale) {
+  float q = rintf(v / scale);
+  q = fminf(fmaxf(q, (float)-QMAX), (float)QMAX);
+  return (int)q;
+}
+
+// Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each),
+// X for TB tokens x 2 buffers (rows of n2 halves padded by 8: conflict-free ldmatrix), codes of TB tokens.
+__host__ __device__ inline size_t smem_bytes(int n1, int n2, bool lo, int TB, int K, int CB) {
+  return (size_t)2 * (n1 * n1 + n2 * n2) * (lo ? 2 : 1) + (size_t)2 * TB * (K / n2) * (n2 + 8) * 2 +
+         (size_t)TB * CB;
+}
+
+template <int N1, int RMAX, bool FAST, int OUT>
+__global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc_kernel(
+    const __half* __restrict__ x, int M, int K, int n2, int had, const float* __restrict__ clip,
+    const float* __restrict__ p1, const float* __restrict__ p2, float norm, int TB, int nrounds,
+    uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
+  constexpr int NB1 = N1 / 16;
+  constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
+  const bool lo = !FAST && !had;  // P split in hi + lo (Kronecker, compensated)
+  const int NB2 = n2 >> 4;        // 16-blocks of n2 = j-tiles per chunk
+  const int U = K / (16 * N1);    // units (chunk, j-tile) per token
+  const int xstr = n2 + 8;        // halves per staged X row
+  const int xtok = (K / n2) * xstr;
+  const int CB = OUT == kOutU4 ? K / 2 : K;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* sp2h = reinterpret_cast<__half*>(smem_raw);
+  __half* sp2l = sp2h + n2 * n2;
+  __half* sp1h = sp2h + (lo ? 2 : 1) * n2 * n2;
+  __half* sp1l = sp1h + N1 * N1;
+  __half* sx = sp1h + (lo ? 2 : 1) * N1 * N1;
+  uint8_t* sc = reinterpret_cast<uint8_t*>(sx + 2 * TB * xtok);
+  __shared__ unsigned s_amax[kMaxTB];
+  __shared__ int s_sum[kMaxTB];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t sx_addr = (uint32_t)__cvta_generic_to_shared(sx);
+
+  // cp.async of round `round`'s rows into buffer `buf` (16-byte pieces, global order = coalesced).
+  auto issue = [&](int round, int buf) {
+    const int m0 = round * TB;
+    const int nt = min(TB, M - m0);
+    const int per_tok = K >> 3, W = n2 >> 3;
+    const __half* src = x + (size_t)m0 * K;
+    const uint32_t dst = sx_addr + (uint32_t)(buf * TB * xtok) * 2u;
+    for (int q = tid; q < nt * per_tok; q += kThreadsTc) {
+      const int tb = q / per_tok;
+      const int w = q - tb * per_tok;
+      const int r = w / W, c = w - r * W;
+      cp_async16(dst + (uint32_t)(tb * xtok + r * xstr + c * 8) * 2u, src + (size_t)q * 8);
+    }
+  };
+  if ((int)blockIdx.x < nrounds) issue(blockIdx.x, 0);
+  cp_async_commit();
+
+  // Stage P2^T (step-1 A operand; rows j permuted by slot_of_col inside each 16-tile) and P1^T (step-2 A
+  // operand) as fragment-ordered fp16: fragment (tile row, tile col) = 32 lanes x 8 halves, one lds.128.
+  if (tid < kMaxTB) {
+    s_amax[tid] = 0u;
+    s_sum[tid] = 0;
+  }
+  // (loads batched 16 per thread ahead of their stores: one global round trip per 4096 elements)
+  for (int e0 = 0; e0 < n2 * n2; e0 += 16 * kThreadsTc) {
+    float pv[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int e = e0 + k * kThreadsTc + tid;
+      pv[k] = (had || e >= n2 * n2) ? 0.f : __ldg(p2 + e);
+    }
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int e = e0 + k * kThreadsTc + tid;
+      if (e < n2 * n2) {
+        const int b = e / n2, j = e - b * n2;  // P2[b][j] = A(j, b)
+        const float p = had ? ((__popc(b & j) & 1) ? -1.f : 1.f) : pv[k];
+        const int idx = ((j >> 4) * NB2 + (b >> 4)) * 256 + afrag_pos(slot_of_col(j & 15), b & 15);
+        const __half h = __float2half_rn(p);
+        sp2h[idx] = h;
+        if (lo) sp2l[idx] = __float2half_rn(p - __half2float(h));
+      }
+    }
+  }
+  for (int e0 = 0; e0 < N1 * N1; e0 += 16 * kThreadsTc) {
+    float pv[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int e = e0 + k * kThreadsTc + tid;
+      pv[k] = (had || e >= N1 * N1) ? 0.f : __ldg(p1 + e);
+    }
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int e = e0 + k * kThreadsTc + tid;
+      if (e < N1 * N1) {
+        const int a = e / N1, i = e - a * N1;  // P1[a][i] = A(i, a)
+        const float p = had ? ((__popc(a & i) & 1) ? -1.f : 1.f) : pv[k];
+        const int idx = ((i >> 4) * NB1 + (a >> 4)) * 256 + afrag_pos(i & 15, a & 15);
+        const __half h = __float2half_rn(p);
+        sp1h[idx] = h;
+        if (lo) sp1l[idx] = __float2half_rn(p - __half2float(h));
+      }
+    }
+  }
+  const float clip_ratio = __ldg(clip);
+  // ldmatrix.x4 lane address inside a 16 x 16 X tile: matrices (rows 0-7, cols 0-7), (0-7, 8-15),
+  // (8-15, 0-7), (8-15, 8-15) -> B fragments {r0, r1} of rows a 0-7 and {r2, r3} of rows a 8-15.
+  const int lrow = (lane & 7) + ((lane >> 4) << 3), lcol = ((lane >> 3) & 1) << 3;
+
+  int buf = 0;
+  for (int round = blockIdx.x; round < nrounds; round += gridDim.x, buf ^= 1) {
+    if (round + (int)gridDim.x < nrounds) issue(round + gridDim.x, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait1();
+    __syncthreads();  // (A) this round's rows (and, first time, P) visible to all warps
+
+    const int m0 = round * TB;
+    const int nt = min(TB, M - m0);
+    const int nunits = nt * U;
+    const uint32_t xb = sx_addr + (uint32_t)(buf * TB * xtok) * 2u;
+
+    float y[RMAX][NB1][2][4];  // Y[16 mi + g (+8)][slot 8 nj + 2t (+1)] per unit, unscaled
+    float ysc[RMAX];           // 2^-e * norm per unit
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      const int u = warp + r * kWarps;
+      if (u < nunits) {
+        const int tb = u / U, v = u - tb * U;
+        const int c = v / NB2, jt = v - c * NB2;
+        // ---- step 1: acc[nt][.] = T^T[slots of jt][a = 8 nt ..], k over b
+        float acc[2 * NB1][4];
+#pragma unroll
+        for (int n = 0; n < 2 * NB1; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+        const uint32_t xrow = xb + (uint32_t)((tb * xtok) + (c * N1 + lrow) * xstr + lcol) * 2u;
+        const __half* f2h = sp2h + (jt * NB2) * 256 + lane * 8;
+        const __half* f2l = sp2l + (jt * NB2) * 256 + lane * 8;
+        for (int kb = 0; kb < NB2; ++kb) {
+          const uint4 va = lds128(f2h + kb * 256);
+          const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
+          uint32_t al[4] = {0u, 0u, 0u, 0u};
+          if (lo) {
+            const uint4 vl = lds128(f2l + kb * 256);
+            al[0] = vl.x; al[1] = vl.y; al[2] = vl.z; al[3] = vl.w;
+          }
+#pragma unroll
+          for (int na = 0; na < NB1; ++na) {
+            uint32_t b[4];
+            ldsm_x4(b, xrow + (uint32_t)(na * 16 * xstr + kb * 16) * 2u);
+            mma16816(acc[2 * na], ah, b[0], b[1]);
+            mma16816(acc[2 * na + 1], ah, b[2], b[3]);
+            if (lo) {
+              mma16816(acc[2 * na], al, b[0], b[1]);
+              mma16816(acc[2 * na + 1], al, b[2], b[3]);
+            }
+          }
+        }
+        // ---- power-of-two scaling of T into [2^14, 2^15) (fp16 range), then fp16 B fragments of step 2
+        float mx = 0.f;
+#pragma unroll
+        for (int n = 0; n < 2 * NB1; ++n)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) mx = fmaxf(mx, fabsf(acc[n][q]));
+        mx = warp_max(mx);
+        const int ebits = (__float_as_int(mx) >> 23) & 0xff;           // biased exponent of max|T|
+        const int ef = min(max(268 - ebits, 27), 227);                  // biased exponent of f = 2^(141-E)
+        const float f = __int_as_float(ef << 23), finv = __int_as_float((254 - ef) << 23);
+        uint32_t th[NB1][2][2], tl[NB1][2][2];
+#pragma unroll
+        for (int ka = 0; ka < NB1; ++ka)
+#pragma unroll
+          for (int ns = 0; ns < 2; ++ns) {
+            // B fragment (k = a in 16 ka.., n = slots 8 ns..): {T[2t..][g], T[2t+8..][g]} =
+            // acc of a-tiles 2ka, 2ka+1 at slot row g (ns 0: c0,c1) or g+8 (ns 1: c2,c3)
+            if (FAST) {
+              th[ka][ns][0] = h2_bits(__floats2half2_rn(acc[2 * ka][2 * ns] * f, acc[2 * ka][2 * ns + 1] * f));
+              th[ka][ns][1] =
+                  h2_bits(__floats2half2_rn(acc[2 * ka + 1][2 * ns] * f, acc[2 * ka + 1][2 * ns + 1] * f));
+              tl[ka][ns][0] = tl[ka][ns][1] = 0u;
+            } else {
+              split_pair(acc[2 * ka][2 * ns] * f, acc[2 * ka][2 * ns + 1] * f, th[ka][ns][0], tl[ka][ns][0]);
+              split_pair(acc[2 * ka + 1][2 * ns] * f, acc[2 * ka + 1][2 * ns + 1] * f, th[ka][ns][1],
+                         tl[ka][ns][1]);
+            }
+          }
+        // ---- step 2: Y[i][slots] = sum_a P1[a][i] T[a][slots]
+#pragma unroll
+        for (int mi = 0; mi < NB1; ++mi)
+#pragma unroll
+          for (int ns = 0; ns < 2; ++ns) y[r][mi][ns][0] = y[r][mi][ns][1] = y[r][mi][ns][2] = y[r][mi][ns][3] = 0.f;
+        const __half* f1h = sp1h + lane * 8;
+        const __half* f1l = sp1l + lane * 8;
+#pragma unroll
+        for (int mi = 0; mi < NB1; ++mi)
+#pragma unroll
+          for (int ka = 0; ka < NB1; ++ka) {
+            const uint4 va = lds128(f1h + (mi * NB1 + ka) * 256);
+            const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
+            mma16816(y[r][mi][0], ah, th[ka][0][0], th[ka][0][1]);
+            mma16816(y[r][mi][1], ah, th[ka][1][0], th[ka][1][1]);
+            if (!FAST) {
+              mma16816(y[r][mi][0], ah, tl[ka][0][0], tl[ka][0][1]);
+              mma16816(y[r][mi][1], ah, tl[ka][1][0], tl[ka][1][1]);
+            }
+            if (lo) {
+              const uint4 vl = lds128(f1l + (mi * NB1 + ka) * 256);
+              const uint32_t al[4] = {vl.x, vl.y, vl.z, vl.w};
+              mma16816(y[r][mi][0], al, th[ka][0][0], th[ka][0][1]);
+              mma16816(y[r][mi][1], al, th[ka][1][0], th[ka][1][1]);
+            }
+          }
+        // ---- unit absmax of v = (y * 2^-e) * norm  (= fl(max|y| * ysc): monotone rounding)
+        ysc[r] = finv * norm;
+        float ym = 0.f;
+#pragma unroll
+        for (int mi = 0; mi < NB1; ++mi)
+#pragma unroll
+          for (int ns = 0; ns < 2; ++ns)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) ym = fmaxf(ym, fabsf(y[r][mi][ns][q]));
+        ym = warp_max(ym);
+        if (lane == 0) atomicMax(&s_amax[tb], __float_as_uint(ym * ysc[r]));
+      }
+    }
+    __syncthreads();  // (B) token absmax complete
+
+    // ---- quantize from registers into the shared code buffer (global layout of the TB rows)
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      const int u = warp + r * kWarps;
+      if (u < nunits) {
+        const int tb = u / U, v = u - tb * U;
+        const int c = v / NB2, jt = v - c * NB2;
+        const float scale = fmaxf(__uint_as_float(s_amax[tb]) * clip_ratio / (float)QMAX, kEps);
+        const int e0 = c * N1 * n2 + jt * 16 + 4 * t;
+        int rsum = 0;
+#pragma unroll
+        for (int mi = 0; mi < NB1; ++mi)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int e = e0 + (mi * 16 + g + 8 * hr) * n2;  // physical columns 4t .. 4t+3 of row i
+            const int q0 = quant1<QMAX>(y[r][mi][0][2 * hr] * ysc[r], scale);
+            const int q1 = quant1<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], scale);
+            const int q2 = quant1<QMAX>(y[r][mi][1][2 * hr] * ysc[r], scale);
+            const int q3 = quant1<QMAX>(y[r][mi][1][2 * hr + 1] * ysc[r], scale);
+            if constexpr (OUT == kOutU4) {
+              const uint32_t w = (uint32_t)(q0 + 8) | ((uint32_t)(q1 + 8) << 4) | ((uint32_t)(q2 + 8) << 8) |
+                                 ((uint32_t)(q3 + 8) << 12);
+              *reinterpret_cast<uint16_t*>(sc + tb * CB + (e >> 1)) = (uint16_t)w;
+            } else {
+              const int z = OUT == kOutS8 ? 0 : 128;
+              const uint32_t w = ((uint32_t)(q0 + z) & 0xffu) | (((uint32_t)(q1 + z) & 0xffu) << 8) |
+                                 (((uint32_t)(q2 + z) & 0xffu) << 16) | (((uint32_t)(q3 + z) & 0xffu) << 24);
+              *reinterpret_cast<uint32_t*>(sc + tb * CB + e) = w;
+              if constexpr (OUT == kOutS8) rsum += q0 + q1 + q2 + q3;
+            }
+          }
+        if constexpr (OUT == kOutS8) {
+          rsum = __reduce_add_sync(0xffffffffu, rsum);
+          if (lane == 0) atomicAdd(&s_sum[tb], rsum);
+        }
+      }
+    }
+    __syncthreads();  // (C) codes and row sums complete
+
+    // ---- write out: the nt rows are contiguous in global memory; 16-byte coalesced stores
+    {
+      const int nvec = nt * CB / 16;
+      uint4* dst = reinterpret_cast<uint4*>(codes + (size_t)m0 * CB);
+      const uint4* srcv = reinterpret_cast<const uint4*>(sc);
+      for (int q = tid; q < nvec; q += kThreadsTc) dst[q] = srcv[q];
+      if (tid < nt) {
+        scales[m0 + tid] = fmaxf(__uint_as_float(s_amax[tid]) * clip_ratio / (float)QMAX, kEps);
+        if constexpr (OUT == kOutS8) corr[m0 + tid] = 128 * s_sum[tid];
+        s_amax[tid] = 0u;
+        s_sum[tid] = 0;
+      }
+    }
+    // The next round's (A) barrier orders these reads of sc / s_amax before their next writes.
+  }
+  cp_async_wait0();
+}
+
+struct Plan {
+  int n1 = 0, n2 = 0, had = 0, rmax = 0, TB = 0, nrounds = 0;
+  float norm = 1.f;
+  size_t smem = 0;
+};
+
+bool env_flag(const char* name, bool dflt) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || s[0] == '\0') return dflt;
+  return !(s[0] == '0' && s[1] == '\0');
+}
+// Environment switches, read once per process: QAAS_ACT_QUANT_FAST=1 plain fp16 products (no error
+// compensation); QAAS_ACT_QUANT_TC=0 scalar kernel only; QAAS_ACT_QUANT_WIDE=1 never the narrow variant.
+bool fast_mode() {
+  static const bool v = env_flag("QAAS_ACT_QUANT_FAST", false);
+  return v;
+}
+bool tc_enabled() {
+  static const bool v = env_flag("QAAS_ACT_QUANT_TC", true);
+  return v;
+}
+bool wide_only() {
+  static const bool v = env_flag("QAAS_ACT_QUANT_WIDE", false);
+  return v;
+}
+
+// Is the tensor-core kernel applicable, and with which shape (variant, TB tokens per round, shared memory)?
+bool make_plan(const at::Tensor& x, int mode, int hb, int n1, int n2, int out, int sms, int smem_optin,
+               int smem_per_sm, Plan& p) {
+  if (!tc_enabled() || x.scalar_type() != at::kHalf || (mode != 1 && mode != 2)) return false;
+  if ((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) != 0) return false;
+  const int M = x.size(0), K = x.size(1);
+  if (mode == 1) {
+    if (hb < 256 || hb > 16384) return false;
+    int L = 0;
+    while ((1 << L) < hb) ++L;
+    p.n2 = 1 << ((L + 1) / 2);  // n1 <= n2: fewer products per element (n2 + 2 n1)
+    p.n1 = hb / p.n2;
+    p.had = 1;
+    p.norm = (float)(1.0 / std::sqrt((double)hb));
+  } else {
+    if (n1 % 16 || n2 % 16 || n1 < 16 || n2 < 16 || n1 > 128 || n2 > 128) return false;
+    p.n1 = n1;
+    p.n2 = n2;
+    p.had = 0;
+    p.norm = 1.f;
+  }
+  if (K % (p.n1 * p.n2) != 0) return false;
+  const int U = K / (16 * p.n1);  // units per token
+  const bool lo = !fast_mode() && !p.had;
+  const int CB = out == kOutU4 ? K / 2 : K;
+  // narrow first (two blocks per SM: shared memory of each <= half the SM's), else wide (one block)
+  for (int narrow = wide_only() ? 0 : 1; narrow >= 0; --narrow) {
+    const int rmax = narrow ? rmax_narrow(p.n1) : rmax_wide(p.n1);
+    const int slots = kWarps * rmax;
+    if (rmax == 0 || U > slots) continue;
+    const size_t limit = narrow ? (size_t)smem_per_sm / 2 - 2048 : (size_t)smem_optin - 1024;
+    const int blocks = sms * (narrow ? 2 : 1);
+    int TB = std::max(1, std::min(std::min(kMaxTB, slots / U), (M + blocks - 1) / blocks));
+    while (TB > 1 && smem_bytes(p.n1, p.n2, lo, TB, K, CB) > limit) --TB;
+    if (smem_bytes(p.n1, p.n2, lo, TB, K, CB) > limit) continue;
+    p.rmax = rmax;
+    p.TB = TB;
+    p.smem = smem_bytes(p.n1, p.n2, lo, TB, K, CB);
+    p.nrounds = (M + TB - 1) / TB;
+    return true;
+  }
+  return false;
+}
+
+// Blocks per SM of a kernel at a given dynamic shared memory size (the attribute raised to the device's
+// opt-in maximum once per kernel and device), cached.
+int blocks_per_sm(const void* fn, int dev, int smem_optin, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_tuple(fn, dev, smem);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto raised = cache.find(std::make_tuple(fn, dev, (size_t)0));
+  if (raised == cache.end()) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin - 1024));
+    cache[std::make_tuple(fn, dev, (size_t)0)] = 0;
+  }
+  int occ = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, kThreadsTc, smem));
+  occ = std::max(occ, 1);
+  cache[key] = occ;
+  return occ;
+}
+
+template <int N1, int RMAX, bool FAST, int OUT>
+void launch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const Plan& p, int dev,
+               int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
+  auto kernel = act_quant_tc_kernel<N1, RMAX, FAST, OUT>;
+  const int occ = blocks_per_sm(reinterpret_cast<const void*>(kernel), dev, smem_optin, p.smem);
+  const int grid = std::max(1, std::min(p.nrounds, sms * occ));
+  kernel<<<grid, kThreadsTc, p.smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const __half*>(x.data_ptr()), (int)x.size(0), (int)x.size(1), p.n2, p.had,
+      clip.data_ptr<float>(), p1, p2, p.norm, p.TB, p.nrounds, codes, scales, corr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool FAST, int OUT>
+void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const Plan& p,
+                 int dev, int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
+#define QAAS_TC(N1_, R_)                                                                      \
+  if (p.n1 == N1_ && p.rmax == R_) {                                                          \
+    launch_tc<N1_, R_, FAST, OUT>(x, clip, p1, p2, p, dev, sms, smem_optin, codes, scales, corr); \
+    return;                                                                                   \
+  }
+  // wide
+  QAAS_TC(16, rmax_wide(16)) QAAS_TC(32, rmax_wide(32)) QAAS_TC(48, rmax_wide(48)) QAAS_TC(64, rmax_wide(64))
+  QAAS_TC(80, rmax_wide(80)) QAAS_TC(96, rmax_wide(96)) QAAS_TC(112, rmax_wide(112)) QAAS_TC(128, rmax_wide(128))
+  // narrow
+  QAAS_TC(16, rmax_narrow(16)) QAAS_TC(32, rmax_narrow(32)) QAAS_TC(48, rmax_narrow(48)) QAAS_TC(64, rmax_narrow(64))
+#undef QAAS_TC
+  TORCH_CHECK(false, "act_quant: internal error, no tensor-core kernel for n1 = ", p.n1, ", rmax = ", p.rmax);
+}
+
+}  // namespace tc
+
+struct Args {
+  const float* p1 = nullptr;
+  const float* p2 = nullptr;
+  int n1 = 0, n2 = 0;
+};
+
+Args check_args(const char* name, const at::Tensor& x, const at::Tensor& clip, int64_t mode, int64_t hb,
+                const c10::optional<at::Tensor>& p1, const c10::optional<at::Tensor>& p2) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), name, ": x must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(clip.is_cuda() && clip.numel() == 1 && clip.scalar_type() == at::kFloat,
+              name, ": clip must be a float32 CUDA scalar tensor");
+  TORCH_CHECK(mode >= 0 && mode <= 2, name, ": mode must be 0 (none), 1 (hadamard) or 2 (kronecker)");
+  const int64_t K = x.size(1);
+  Args a;
+  if (mode == 1) {
+    TORCH_CHECK(hb >= 2 && (hb & (hb - 1)) == 0 && K % hb == 0, name,
+                ": hadamard block must be a power of two dividing K");
+  }
+  if (mode == 2) {
+    TORCH_CHECK(p1.has_value() && p2.has_value(), name, ": kronecker needs p1 and p2");
+    TORCH_CHECK(p1->scalar_type() == at::kFloat && p2->scalar_type() == at::kFloat && p1->is_contiguous() &&
+                    p2->is_contiguous() && p1->is_cuda() && p2->is_cuda(),
+                name, ": p1/p2 must be contiguous float32 CUDA tensors");
+    a.n1 = p1->size(0);
+    a.n2 = p2->size(0);
+    TORCH_CHECK(p1->dim() == 2 && p1->size(1) == a.n1 && p2->dim() == 2 && p2->size(1) == a.n2 &&
+                    (int64_t)a.n1 * a.n2 == K,
+                name, ": p1 [n1,n1], p2 [n2,n2] with n1*n2 == K");
+    a.p1 = p1->data_ptr<float>();
+    a.p2 = p2->data_ptr<float>();
+  }
+  return a;
+}
+
+template <int OUT>
+void run(const at::Tensor& x, const at::Tensor& clip, int mode, int hb, const Args& a, uint8_t* codes, float* scales,
+         int* corr) {
+  int dev = 0, sms = 0, optin = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  tc::Plan plan;
+  if (tc::make_plan(x, mode, hb, a.n1, a.n2, OUT, sms, optin, per_sm, plan)) {
+    if (tc::fast_mode()) tc::dispatch_tc<true, OUT>(x, clip, a.p1, a.p2, plan, dev, sms, optin, codes, scales, corr);
+    else tc::dispatch_tc<false, OUT>(x, clip, a.p1, a.p2, plan, dev, sms, optin, codes, scales, corr);
+    return;
+  }
+  switch (x.scalar_type()) {
+    case at::kHalf: dispatch_scalar<at::Half, OUT>(mode, x, clip, hb, a.p1, a.p2, a.n1, a.n2, codes, scales, corr); break;
+    case at::kBFloat16:
+      dispatch_scalar<at::BFloat16, OUT>(mode, x, clip, hb, a.p1, a.p2, a.n1, a.n2, codes, scales, corr);
+      break;
+    case at::kFloat: dispatch_scalar<float, OUT>(mode, x, clip, hb, a.p1, a.p2, a.n1, a.n2, codes, scales, corr); break;
+    default: TORCH_CHECK(false, "act_quant: x must be float16, bfloat16 or float32");
+  }
 }
 
 }  // namespace
@@ -171,42 +743,33 @@ void dispatch_mode(int mode, int bits, const at::Tensor& x, const at::Tensor& cl
 std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t bits, const at::Tensor& clip,
                                                   int64_t mode, int64_t hb, const c10::optional<at::Tensor>& p1,
                                                   const c10::optional<at::Tensor>& p2) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "act_quant: x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(bits == 8 || bits == 4, "act_quant: bits must be 4 or 8");
-  TORCH_CHECK(clip.is_cuda() && clip.numel() == 1 && clip.scalar_type() == at::kFloat,
-              "act_quant: clip must be a float32 CUDA scalar tensor");
+  const Args a = check_args("act_quant", x, clip, mode, hb, p1, p2);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(bits == 8 || K % 2 == 0, "act_quant: int4 needs an even row length");
-  TORCH_CHECK(mode >= 0 && mode <= 2, "act_quant: mode must be 0 (none), 1 (hadamard) or 2 (kronecker)");
-  const float* p1p = nullptr;
-  const float* p2p = nullptr;
-  int n1 = 0, n2 = 0;
-  if (mode == 1) {
-    TORCH_CHECK(hb >= 2 && (hb & (hb - 1)) == 0 && K % hb == 0, "act_quant: hadamard block must be a power of two dividing K");
-  }
-  if (mode == 2) {
-    TORCH_CHECK(p1.has_value() && p2.has_value(), "act_quant: kronecker needs p1 and p2");
-    TORCH_CHECK(p1->scalar_type() == at::kFloat && p2->scalar_type() == at::kFloat && p1->is_contiguous() &&
-                    p2->is_contiguous() && p1->is_cuda() && p2->is_cuda(),
-                "act_quant: p1/p2 must be contiguous float32 CUDA tensors");
-    n1 = p1->size(0);
-    n2 = p2->size(0);
-    TORCH_CHECK(p1->dim() == 2 && p1->size(1) == n1 && p2->dim() == 2 && p2->size(1) == n2 && (int64_t)n1 * n2 == K,
-                "act_quant: p1 [n1,n1], p2 [n2,n2] with n1*n2 == K");
-    p1p = p1->data_ptr<float>();
-    p2p = p2->data_ptr<float>();
-  }
   auto codes = at::empty({M, bits == 8 ? K : K / 2}, x.options().dtype(at::kByte));
   auto scales = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0) return {codes, scales};
-  switch (x.scalar_type()) {
-    case at::kHalf: dispatch_mode<at::Half>(mode, bits, x, clip, hb, p1p, p2p, n1, n2, codes, scales); break;
-    case at::kBFloat16: dispatch_mode<at::BFloat16>(mode, bits, x, clip, hb, p1p, p2p, n1, n2, codes, scales); break;
-    case at::kFloat: dispatch_mode<float>(mode, bits, x, clip, hb, p1p, p2p, n1, n2, codes, scales); break;
-    default: TORCH_CHECK(false, "act_quant: x must be float16, bfloat16 or float32");
-  }
+  if (bits == 8) run<kOutU8>(x, clip, mode, hb, a, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), nullptr);
+  else run<kOutU4>(x, clip, mode, hb, a, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), nullptr);
   return {codes, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> act_quant_s8_cuda(const at::Tensor& x, const at::Tensor& clip,
+                                                                 int64_t mode, int64_t hb,
+                                                                 const c10::optional<at::Tensor>& p1,
+                                                                 const c10::optional<at::Tensor>& p2) {
+  const Args a = check_args("act_quant_s8", x, clip, mode, hb, p1, p2);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  auto codes = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto scales = at::empty({M}, x.options().dtype(at::kFloat));
+  auto corr = at::empty({M}, x.options().dtype(at::kInt));
+  if (M == 0) return {codes, scales, corr};
+  run<kOutS8>(x, clip, mode, hb, a, reinterpret_cast<uint8_t*>(codes.data_ptr<int8_t>()), scales.data_ptr<float>(),
+              corr.data_ptr<int>());
+  return {codes, scales, corr};
 }
 
 }  // namespace qaas

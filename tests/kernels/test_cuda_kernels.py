@@ -35,38 +35,160 @@ def _rand_codes(shape: tuple[int, int], bits: int, gen: torch.Generator) -> torc
     return pack_int4(u) if bits == 4 else u
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize(
-    "mode,k,hb,n1",
-    [(0, 4096, 0, 0), (1, 4096, 4096, 0), (1, 11008, 256, 0), (2, 4096, 0, 64), (2, 11008, 0, 86)],
-)
-def test_act_quant(bits: int, mode: int, k: int, hb: int, n1: int) -> None:
-    gen = torch.Generator().manual_seed(k + mode + bits)
-    m = 37
-    x = (torch.randn(m, k, generator=gen) * 2 + 0.1).half()
+# act_quant / act_quant_s8 cases: (mode, k, hb, n1). The tensor-core kernel takes fp16 Hadamard blocks of
+# 256..16384 and Kronecker factors that are multiples of 16 up to 128; the scalar kernel everything else.
+ACT_TC_CASES = [
+    (1, 4096, 4096, 0),  # Hadamard 4096 = H_64 (x) H_64, one chunk per row
+    (1, 11008, 256, 0),  # Hadamard 256 = H_16 (x) H_16, 43 chunks per row (43 units over 8 warps)
+    (2, 4096, 0, 64),  # Kronecker 64 x 64
+    (2, 4096, 0, 128),  # Kronecker 128 x 32 (rectangular, n1 > n2)
+]
+ACT_SCALAR_CASES = [
+    (0, 4096, 0, 0),  # no transform
+    (1, 4096, 128, 0),  # Hadamard block < 256: butterflies
+    (2, 11008, 0, 86),  # Kronecker 86 x 128: n1 not a multiple of 16
+]
+# M: 1 token; 37 (one token per block); 300 (several tokens per round); 1501 (several rounds per block on
+# 132 SMs, double-buffered loads, and a ragged last round of one token where rounds hold 2 or 4 tokens)
+ACT_TOKENS = [1, 37, 300, 1501]
+
+
+def _act_inputs(mode: int, k: int, n1: int, m: int, seed: int, dtype: torch.dtype = torch.float16):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=gen) * 2 + 0.1).to(dtype)
     clip = torch.tensor(0.9)
     p1 = p2 = None
     if mode == 2:
         n2 = k // n1
         p1 = torch.randn(n1, n1, generator=gen) / n1**0.5 + torch.eye(n1)
         p2 = torch.randn(n2, n2, generator=gen) / n2**0.5 + torch.eye(n2)
+    return x, clip, p1, p2
+
+
+def _dev(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(DEV)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    "mode,k,hb,n1,m",
+    [c + (m,) for c in ACT_TC_CASES for m in ACT_TOKENS] + [c + (37,) for c in ACT_SCALAR_CASES],
+)
+def test_act_quant(bits: int, mode: int, k: int, hb: int, n1: int, m: int) -> None:
+    x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=k + mode + bits + m)
     codes_ref, scale_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
     _poison(m * k)
-    codes, scale = torch.ops.qaas.act_quant(
-        x.to(DEV), bits, clip.to(DEV), mode, hb, None if p1 is None else p1.to(DEV), None if p2 is None else p2.to(DEV)
-    )
+    codes, scale = torch.ops.qaas.act_quant(x.to(DEV), bits, clip.to(DEV), mode, hb, _dev(p1), _dev(p2))
     torch.cuda.synchronize()
+    assert codes.shape == (m, k if bits == 8 else k // 2) and codes.dtype == torch.uint8 and scale.shape == (m,)
     codes, scale = codes.cpu(), scale.cpu()
     assert torch.isfinite(scale).all() and rel_err(scale, scale_ref) < 1e-5
     u, u_ref = (unpack_int4(codes), unpack_int4(codes_ref)) if bits == 4 else (codes, codes_ref)
+    assert int(u.min()) >= 1 and int(u.max()) <= 2**bits - 1  # symmetric: code 0 unused
     diff = (u.int() - u_ref.int()).abs()
     if mode == 0:
         assert int(diff.max()) == 0  # same float32 division and round-half-even: identical codes
-    else:  # float32 transform vs float64 reference: only rounding-boundary flips by one code
+    else:  # float32-accurate transform (tensor cores: compensated fp16) vs the reference: rounding-boundary flips
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-2
     deq = (u.double() - 2 ** (bits - 1)) * scale.double()[:, None]
     deq_ref = (u_ref.double() - 2 ** (bits - 1)) * scale_ref.double()[:, None]
     assert rel_err(deq, deq_ref) < 1e-2
+
+
+def _check_s8(q, s, c, q_ref, s_ref, c_ref, exact: bool, max_flips: float, scale_tol: float) -> None:
+    m, k = q_ref.shape
+    assert q.dtype == torch.int8 and q.shape == (m, k)
+    assert s.dtype == torch.float32 and s.shape == (m,) and c.dtype == torch.int32 and c.shape == (m,)
+    q, s, c = q.cpu(), s.cpu(), c.cpu()
+    assert torch.isfinite(s).all() and rel_err(s, s_ref) < scale_tol
+    assert int(q.min()) >= -127 and int(q.max()) <= 127
+    # a_corr is exactly 128 * the row sum of the codes returned (int32, no rounding anywhere)
+    assert torch.equal(c.long(), 128 * q.long().sum(dim=1))
+    diff = (q.int() - q_ref.int()).abs()
+    if exact:
+        assert int(diff.max()) == 0 and torch.equal(c, c_ref)
+    else:
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < max_flips
+        # and it differs from the reference's only by the code flips of its row
+        assert bool(((c.long() - c_ref.long()).abs() <= 128 * (diff > 0).sum(dim=1)).all())
+
+
+@pytest.mark.parametrize(
+    "mode,k,hb,n1,m,dtype",
+    [c + (m, torch.float16) for c in ACT_TC_CASES for m in ACT_TOKENS]
+    + [c + (37, torch.float16) for c in ACT_SCALAR_CASES]
+    + [(2, 4096, 0, 64, 37, torch.bfloat16), (1, 4096, 4096, 0, 37, torch.float32)],  # scalar kernel: bf16/fp32
+)
+def test_act_quant_s8(mode: int, k: int, hb: int, n1: int, m: int, dtype: torch.dtype) -> None:
+    x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=3 * k + mode + m, dtype=dtype)
+    q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
+    _poison(m * k)
+    q, s, c = torch.ops.qaas.act_quant_s8(x.to(DEV), clip.to(DEV), mode, hb, _dev(p1), _dev(p2))
+    torch.cuda.synchronize()
+    _check_s8(q, s, c, q_ref, s_ref, c_ref, exact=mode == 0, max_flips=1e-2, scale_tol=1e-5)
+
+
+_ENV_VARIANT_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, "tests/kernels")
+import kernels
+from kernels import reference
+from quant.quantizers.packing import unpack_int4
+from test_cuda_kernels import ACT_TC_CASES, _act_inputs, _check_s8, _dev, _poison
+from kernel_test_utils import rel_err
+max_flips, scale_tol = float(sys.argv[1]), float(sys.argv[2])
+assert kernels.available() and kernels.ops.CUDA_KERNELS_REGISTERED
+for mode, k, hb, n1 in ACT_TC_CASES:
+    for m in (1, 1501):
+        x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=7 * k + mode + m)
+        for bits in (8, 4):
+            codes_ref, scale_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
+            _poison(m * k)
+            codes, scale = torch.ops.qaas.act_quant(x.cuda(), bits, clip.cuda(), mode, hb, _dev(p1), _dev(p2))
+            codes, scale = codes.cpu(), scale.cpu()
+            assert torch.isfinite(scale).all() and rel_err(scale, scale_ref) < scale_tol, (mode, k, m, bits)
+            u, u_ref = (unpack_int4(codes), unpack_int4(codes_ref)) if bits == 4 else (codes, codes_ref)
+            diff = (u.int() - u_ref.int()).abs()
+            flips = float((diff > 0).float().mean())
+            assert int(diff.max()) <= 1 and flips < max_flips, (mode, k, m, bits, int(diff.max()), flips)
+        q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
+        _poison(m * k)
+        q, s, c = torch.ops.qaas.act_quant_s8(x.cuda(), clip.cuda(), mode, hb, _dev(p1), _dev(p2))
+        _check_s8(q, s, c, q_ref, s_ref, c_ref, exact=False, max_flips=max_flips, scale_tol=scale_tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "env,max_flips,scale_tol",
+    [
+        # FAST: P and T rounded to fp16 once (relative error ~2.4e-4 each, no compensation), so more values
+        # land on the other side of a rounding boundary (~1% of int8 codes in the CPU emulation, under 0.1%
+        # of int4 codes) and the scale (absmax) is off by ~1e-4: still never more than one code.
+        ({"QAAS_ACT_QUANT_FAST": "1"}, 5e-2, 1e-3),
+        # the one-block-per-SM variant everywhere (the default takes the two-block one for n1 <= 64)
+        ({"QAAS_ACT_QUANT_WIDE": "1"}, 1e-2, 1e-5),
+        # the scalar kernel on the tensor-core shapes (A/B switch)
+        ({"QAAS_ACT_QUANT_TC": "0"}, 1e-2, 1e-5),
+    ],
+)
+def test_act_quant_env_variants(env: dict[str, str], max_flips: float, scale_tol: float) -> None:
+    """The environment switches are read once per process: each variant runs in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENV_VARIANT_SCRIPT, str(max_flips), str(scale_tol)],
+        cwd=root,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8, 16])

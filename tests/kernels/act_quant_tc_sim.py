@@ -1,0 +1,338 @@
+"""CPU emulation of ``act_quant_tc_kernel`` (kernels/csrc/act_quant.cu), statement by statement.
+
+It mirrors the kernel's index arithmetic (P fragment staging, the output-column slot permutation, the
+padded X rows, ldmatrix lane addressing, the m16n8k16 A/B/C fragment layouts of the PTX ISA, the code
+buffer and its write-out) and its arithmetic (fp16 operands, fp32 accumulation, hi/lo splits, the
+power-of-two scaling of T, true division and round-half-even), so that the index math can be checked
+against :mod:`kernels.reference` without a GPU. Blocks and warps run one after another (barriers are
+implicit); it is slow (~10 ms per mma tile per block), meant for small M.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+F16 = np.float16
+F32 = np.float32
+LANE = np.arange(32)
+G = LANE >> 2
+T = LANE & 3
+WARPS = 8
+MAX_TB = 16
+OUT_U8, OUT_U4, OUT_S8 = 0, 1, 2
+
+
+def rmax_wide(n1: int) -> int:
+    return 128 // n1 if n1 <= 64 else 1
+
+
+def rmax_narrow(n1: int) -> int:
+    return 64 // n1 if n1 <= 64 else 0
+
+
+def smem_bytes(n1: int, n2: int, lo: bool, TB: int, K: int, CB: int) -> int:
+    return 2 * (n1 * n1 + n2 * n2) * (2 if lo else 1) + 2 * TB * (K // n2) * (n2 + 8) * 2 + TB * CB
+
+
+def slot_of_col(p):
+    return ((p >> 1) & 1) * 8 + (p >> 2) * 2 + (p & 1)
+
+
+def afrag_pos(r, c):
+    return ((r & 7) * 4 + ((c & 7) >> 1)) * 8 + (c >> 3) * 4 + (r >> 3) * 2 + (c & 1)
+
+
+# ------------------------------------------------------------------------------------ PTX emulation
+def mma16816(d: np.ndarray, a: np.ndarray, b0: np.ndarray, b1: np.ndarray) -> np.ndarray:
+    """d [32, 4] f32 += A (a: [32, 4 regs, 2 halves]) x B (b0, b1: [32, 2 halves]); fp32 accumulation."""
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    C = np.zeros((16, 8))
+    for e in range(2):
+        A[G, 2 * T + e] = a[:, 0, e]
+        A[G + 8, 2 * T + e] = a[:, 1, e]
+        A[G, 2 * T + 8 + e] = a[:, 2, e]
+        A[G + 8, 2 * T + 8 + e] = a[:, 3, e]
+        B[2 * T + e, G] = b0[:, e]
+        B[2 * T + 8 + e, G] = b1[:, e]
+        C[G, 2 * T + e] = d[:, e]
+        C[G + 8, 2 * T + e] = d[:, 2 + e]
+    D = (A @ B + C).astype(F32)
+    out = np.empty((32, 4), F32)
+    for e in range(2):
+        out[:, e] = D[G, 2 * T + e]
+        out[:, 2 + e] = D[G + 8, 2 * T + e]
+    return out
+
+
+def ldsm_x4(sm: np.ndarray, addr: np.ndarray) -> np.ndarray:
+    """ldmatrix.x4 (b16, no transpose): lane l supplies the row address (in halves) of row l % 8 of
+    matrix l // 8; returns [32, 4 regs, 2 halves], reg m = (row g, cols 2t, 2t+1) of matrix m."""
+    assert np.all(addr % 8 == 0), "ldmatrix rows must be 16-byte aligned"
+    r = np.empty((32, 4, 2), F16)
+    for m in range(4):
+        mat = np.stack([sm[addr[8 * m + rr] : addr[8 * m + rr] + 8] for rr in range(8)])
+        r[:, m, 0] = mat[G, 2 * T]
+        r[:, m, 1] = mat[G, 2 * T + 1]
+    return r
+
+
+def lds128(sm: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Each lane's 8 consecutive halves at idx (halves) as [32, 4 regs, 2 halves] (reg 0 = halves 0, 1)."""
+    assert np.all(idx % 8 == 0)
+    return np.stack([sm[i : i + 8] for i in idx]).reshape(32, 4, 2)
+
+
+def split_pair(a: np.ndarray, b: np.ndarray, fast: bool):
+    hi = np.stack([a.astype(F16), b.astype(F16)], axis=-1)
+    if fast:
+        return hi, np.zeros_like(hi)
+    lo = np.stack([(a - hi[:, 0].astype(F32)).astype(F16), (b - hi[:, 1].astype(F32)).astype(F16)], axis=-1)
+    return hi, lo
+
+
+def warp_max(v: np.ndarray) -> F32:
+    return F32(np.max(v))
+
+
+# ------------------------------------------------------------------------------------ host plan
+def make_plan(
+    M: int, K: int, mode: int, hb: int, n1: int, n2: int, out: int, fast: bool, sms: int,
+    smem_optin: int = 232448, smem_per_sm: int = 233472, wide_only: bool = False,
+):
+    """The host's tc::make_plan (H100 shared-memory limits by default)."""
+    if mode == 1:
+        if hb < 256 or hb > 16384:
+            return None
+        L = hb.bit_length() - 1
+        n2 = 1 << ((L + 1) // 2)
+        n1 = hb // n2
+        had, norm = 1, F32(1.0 / math.sqrt(hb))
+    elif mode == 2:
+        if n1 % 16 or n2 % 16 or not (16 <= n1 <= 128) or not (16 <= n2 <= 128):
+            return None
+        had, norm = 0, F32(1.0)
+    else:
+        return None
+    if K % (n1 * n2):
+        return None
+    U = K // (16 * n1)
+    lo = (not fast) and not had
+    CB = K // 2 if out == OUT_U4 else K
+    for narrow in ((0,) if wide_only else (1, 0)):
+        rmax = rmax_narrow(n1) if narrow else rmax_wide(n1)
+        slots = WARPS * rmax
+        if rmax == 0 or U > slots:
+            continue
+        limit = smem_per_sm // 2 - 2048 if narrow else smem_optin - 1024
+        blocks = sms * (2 if narrow else 1)
+        TB = max(1, min(min(MAX_TB, slots // U), (M + blocks - 1) // blocks))
+        while TB > 1 and smem_bytes(n1, n2, lo, TB, K, CB) > limit:
+            TB -= 1
+        if smem_bytes(n1, n2, lo, TB, K, CB) > limit:
+            continue
+        return dict(n1=n1, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB, nrounds=(M + TB - 1) // TB,
+                    smem=smem_bytes(n1, n2, lo, TB, K, CB))
+    return None
+
+
+# ------------------------------------------------------------------------------------ the kernel
+def act_quant_tc_sim(
+    x: np.ndarray,
+    clip: float,
+    mode: int,
+    hb: int,
+    p1: np.ndarray | None,
+    p2: np.ndarray | None,
+    out: int,
+    fast: bool = False,
+    sms: int = 132,
+    grid: int | None = None,
+    wide_only: bool = False,
+):
+    """Returns (codes, scales, corr) as the kernel writes them, or None where the kernel does not apply.
+    ``grid`` (default min(nrounds, sms)) sets the persistent grid, to exercise several rounds per block."""
+    x = np.ascontiguousarray(x, dtype=F16)
+    M, K = x.shape
+    n1 = p1.shape[0] if p1 is not None else 0
+    n2 = p2.shape[0] if p2 is not None else 0
+    plan = make_plan(M, K, mode, hb, n1, n2, out, fast, sms, wide_only=wide_only)
+    if plan is None:
+        return None
+    N1, n2, had, norm, TB, nrounds, RMAX = (plan[k] for k in ("n1", "n2", "had", "norm", "TB", "nrounds", "rmax"))
+    if grid is None:
+        grid = min(nrounds, sms * (2 if RMAX * N1 <= 64 else 1))
+    NB1 = N1 // 16
+    QMAX = 7 if out == OUT_U4 else 127
+    lo = (not fast) and not had
+    NB2 = n2 >> 4
+    U = K // (16 * N1)
+    xstr = n2 + 8
+    xtok = (K // n2) * xstr
+    CB = K // 2 if out == OUT_U4 else K
+    clip_ratio = F32(clip)
+    p1f = None if p1 is None else np.asarray(p1, F32).reshape(-1)
+    p2f = None if p2 is None else np.asarray(p2, F32).reshape(-1)
+    xflat = x.reshape(-1)
+
+    codes = np.full(M * CB, 0xAB, np.uint8)  # poisoned
+    scales = np.full(M, np.nan, F32)
+    corr = np.full(M, -(2**31), np.int64)
+
+    for block in range(grid):
+        # shared memory
+        sp2h = np.full(n2 * n2, np.nan, F16)
+        sp2l = np.full(n2 * n2, np.nan, F16)
+        sp1h = np.full(N1 * N1, np.nan, F16)
+        sp1l = np.full(N1 * N1, np.nan, F16)
+        sx = np.full(2 * TB * xtok, np.nan, F16)
+        sc = np.full(TB * CB, 0xCD, np.uint8)
+        s_amax = np.zeros(MAX_TB, F32)
+        s_sum = np.zeros(MAX_TB, np.int64)
+
+        def issue(rnd: int, buf: int) -> None:
+            m0 = rnd * TB
+            nt = min(TB, M - m0)
+            per_tok, W = K >> 3, n2 >> 3
+            for q in range(nt * per_tok):
+                tb, w = divmod(q, per_tok)
+                r, c = divmod(w, W)
+                d = buf * TB * xtok + tb * xtok + r * xstr + c * 8
+                sx[d : d + 8] = xflat[m0 * K + q * 8 : m0 * K + q * 8 + 8]
+
+        if block < nrounds:
+            issue(block, 0)
+        for e in range(n2 * n2):
+            b, j = divmod(e, n2)
+            p = F32(-1.0 if bin(b & j).count("1") & 1 else 1.0) if had else p2f[e]
+            idx = ((j >> 4) * NB2 + (b >> 4)) * 256 + afrag_pos(slot_of_col(j & 15), b & 15)
+            h = F16(p)
+            sp2h[idx] = h
+            if lo:
+                sp2l[idx] = F16(p - F32(h))
+        for e in range(N1 * N1):
+            a, i = divmod(e, N1)
+            p = F32(-1.0 if bin(a & i).count("1") & 1 else 1.0) if had else p1f[e]
+            idx = ((i >> 4) * NB1 + (a >> 4)) * 256 + afrag_pos(i & 15, a & 15)
+            h = F16(p)
+            sp1h[idx] = h
+            if lo:
+                sp1l[idx] = F16(p - F32(h))
+        lrow = (LANE & 7) + ((LANE >> 4) << 3)
+        lcol = ((LANE >> 3) & 1) << 3
+
+        buf = 0
+        rnd = block
+        while rnd < nrounds:
+            if rnd + grid < nrounds:
+                issue(rnd + grid, buf ^ 1)
+            m0 = rnd * TB
+            nt = min(TB, M - m0)
+            nunits = nt * U
+            xb = buf * TB * xtok
+            y = {}
+            ysc = {}
+            for warp in range(WARPS):
+                for r in range(RMAX):
+                    u = warp + r * WARPS
+                    if u >= nunits:
+                        continue
+                    tb, v = divmod(u, U)
+                    c, jt = divmod(v, NB2)
+                    acc = np.zeros((2 * NB1, 32, 4), F32)
+                    xrow = xb + tb * xtok + (c * N1 + lrow) * xstr + lcol
+                    f2 = (jt * NB2) * 256 + LANE * 8
+                    for kb in range(NB2):
+                        ah = lds128(sp2h, f2 + kb * 256).astype(np.float64)
+                        al = lds128(sp2l, f2 + kb * 256).astype(np.float64) if lo else None
+                        for na in range(NB1):
+                            bb = ldsm_x4(sx, xrow + na * 16 * xstr + kb * 16).astype(np.float64)
+                            acc[2 * na] = mma16816(acc[2 * na], ah, bb[:, 0], bb[:, 1])
+                            acc[2 * na + 1] = mma16816(acc[2 * na + 1], ah, bb[:, 2], bb[:, 3])
+                            if lo:
+                                acc[2 * na] = mma16816(acc[2 * na], al, bb[:, 0], bb[:, 1])
+                                acc[2 * na + 1] = mma16816(acc[2 * na + 1], al, bb[:, 2], bb[:, 3])
+                    mx = warp_max(np.abs(acc))
+                    ebits = int(np.array([mx], F32).view(np.int32)[0] >> 23) & 0xFF
+                    ef = min(max(268 - ebits, 27), 227)
+                    f = np.array([ef << 23], np.int32).view(F32)[0]
+                    finv = np.array([(254 - ef) << 23], np.int32).view(F32)[0]
+                    th = np.zeros((NB1, 2, 2, 32, 2), F16)
+                    tl = np.zeros((NB1, 2, 2, 32, 2), F16)
+                    for ka in range(NB1):
+                        for ns in range(2):
+                            for half in range(2):
+                                src = acc[2 * ka + half]
+                                hi, lw = split_pair(src[:, 2 * ns] * f, src[:, 2 * ns + 1] * f, fast)
+                                th[ka, ns, half], tl[ka, ns, half] = hi, lw
+                    yr = np.zeros((NB1, 2, 32, 4), F32)
+                    f1 = LANE * 8
+                    for mi in range(NB1):
+                        for ka in range(NB1):
+                            ah = lds128(sp1h, f1 + (mi * NB1 + ka) * 256).astype(np.float64)
+                            bh = th[ka].astype(np.float64)  # [ns, half, lane, 2]
+                            bl = tl[ka].astype(np.float64)
+                            for ns in range(2):
+                                yr[mi, ns] = mma16816(yr[mi, ns], ah, bh[ns, 0], bh[ns, 1])
+                            if not fast:
+                                for ns in range(2):
+                                    yr[mi, ns] = mma16816(yr[mi, ns], ah, bl[ns, 0], bl[ns, 1])
+                            if lo:
+                                al = lds128(sp1l, f1 + (mi * NB1 + ka) * 256).astype(np.float64)
+                                for ns in range(2):
+                                    yr[mi, ns] = mma16816(yr[mi, ns], al, bh[ns, 0], bh[ns, 1])
+                    s = F32(finv * norm)
+                    ym = warp_max(np.abs(yr))
+                    s_amax[tb] = max(s_amax[tb], F32(ym * s))
+                    y[(warp, r)], ysc[(warp, r)] = yr, s
+            # (B)
+            for warp in range(WARPS):
+                for r in range(RMAX):
+                    u = warp + r * WARPS
+                    if u >= nunits:
+                        continue
+                    tb, v = divmod(u, U)
+                    c, jt = divmod(v, NB2)
+                    scale = max(F32(F32(s_amax[tb] * clip_ratio) / F32(QMAX)), F32(1e-8))
+                    e0 = c * N1 * n2 + jt * 16 + 4 * T
+                    yr, s = y[(warp, r)], ysc[(warp, r)]
+                    rsum = 0
+                    for mi in range(NB1):
+                        for hr in range(2):
+                            e = e0 + (mi * 16 + G + 8 * hr) * n2
+                            # physical columns 4t .. 4t+3: slots (nj 0, 2t), (0, 2t+1), (1, 2t), (1, 2t+1)
+                            vals = [yr[mi, nj, :, 2 * hr + k] for nj in range(2) for k in range(2)]
+                            qs = [
+                                np.clip(np.rint((vv * s).astype(F32) / scale), -QMAX, QMAX).astype(np.int64)
+                                for vv in vals
+                            ]
+                            base = tb * CB
+                            if out == OUT_U4:
+                                w = (qs[0] + 8) | ((qs[1] + 8) << 4) | ((qs[2] + 8) << 8) | ((qs[3] + 8) << 12)
+                                assert np.all(e % 4 == 0)
+                                sc[base + (e >> 1)] = w & 0xFF
+                                sc[base + (e >> 1) + 1] = (w >> 8) & 0xFF
+                            else:
+                                z = 0 if out == OUT_S8 else 128
+                                for k in range(4):
+                                    sc[base + e + k] = (qs[k] + z) & 0xFF
+                                if out == OUT_S8:
+                                    rsum += int(sum(int(qq.sum()) for qq in qs))
+                    s_sum[tb] += rsum
+            # (C)
+            nvec = nt * CB // 16
+            codes[m0 * CB : m0 * CB + nvec * 16] = sc[: nvec * 16]
+            for tid in range(nt):
+                scales[m0 + tid] = max(F32(F32(s_amax[tid] * clip_ratio) / F32(QMAX)), F32(1e-8))
+                corr[m0 + tid] = 128 * s_sum[tid]
+                s_amax[tid] = 0
+                s_sum[tid] = 0
+            buf ^= 1
+            rnd += grid
+
+    codes = codes.reshape(M, CB)
+    if out == OUT_S8:
+        return codes.view(np.int8), scales, corr.astype(np.int32)
+    return codes, scales, None

@@ -1,0 +1,76 @@
+"""CPU checks of the tensor-core act_quant kernel's index math, through its statement-by-statement emulation
+(``act_quant_tc_sim``): fragment layouts, the output-column permutation, padded X rows, the Sylvester
+Hadamard factorisation H_{n1 n2} = H_n1 (x) H_n2 against the FWHT of ``reference.hadamard_blockdiag``, rounds
+and ragged tails. The kernel itself is checked on the GPU (``test_cuda_kernels.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from act_quant_tc_sim import OUT_S8, OUT_U4, OUT_U8, act_quant_tc_sim, make_plan
+
+from kernels import reference
+from quant.quantizers.packing import unpack_int4
+
+pytestmark = pytest.mark.cpu_only  # the GPU machine runs the kernel itself
+
+
+def _inputs(mode: int, k: int, n1: int, m: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=gen) * 2 + 0.1).half()
+    p1 = p2 = None
+    if mode == 2:
+        n2 = k // n1
+        p1 = torch.randn(n1, n1, generator=gen) / n1**0.5 + torch.eye(n1)
+        p2 = torch.randn(n2, n2, generator=gen) / n2**0.5 + torch.eye(n2)
+    return x, p1, p2
+
+
+@pytest.mark.parametrize(
+    "mode,k,hb,n1,m,out,sms,grid,wide",
+    [
+        (1, 1024, 256, 0, 3, OUT_U8, 132, None, False),  # H_16 (x) H_16, 4 chunks per row
+        (1, 2048, 512, 0, 2, OUT_U4, 132, None, False),  # H_16 (x) H_32
+        (1, 4096, 4096, 0, 5, OUT_S8, 2, 1, False),  # H_64 (x) H_64, several rounds in one block
+        (2, 4096, 0, 64, 9, OUT_U8, 2, 2, False),  # Kronecker 64 x 64, ragged last round
+        (2, 4096, 0, 64, 9, OUT_S8, 2, 2, True),  # same, wide variant (RMAX 2, 4 tokens per round)
+        (2, 2048, 0, 128, 7, OUT_U4, 2, 1, False),  # Kronecker 128 x 16
+        (2, 3840, 0, 48, 2, OUT_S8, 132, None, False),  # Kronecker 48 x 80
+        (1, 1024, 256, 0, 37, OUT_S8, 3, 3, True),  # 4 units per token, 8 tokens per round
+    ],
+)
+def test_tc_emulation_matches_reference(mode, k, hb, n1, m, out, sms, grid, wide) -> None:
+    x, p1, p2 = _inputs(mode, k, n1, m, seed=k + m + out)
+    clip = torch.tensor(0.9)
+    res = act_quant_tc_sim(
+        x.numpy(), 0.9, mode, hb, None if p1 is None else p1.numpy(), None if p2 is None else p2.numpy(), out,
+        sms=sms, grid=grid, wide_only=wide,
+    )
+    assert res is not None
+    codes, scale, corr = res
+    if out == OUT_S8:
+        q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
+        u, u_ref = torch.from_numpy(codes.astype(np.int32)), q_ref.int()
+        assert np.array_equal(corr.astype(np.int64), 128 * codes.astype(np.int64).sum(1))
+    else:
+        bits = 4 if out == OUT_U4 else 8
+        c_ref, s_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
+        cc = torch.from_numpy(codes)
+        u, u_ref = (unpack_int4(cc), unpack_int4(c_ref)) if bits == 4 else (cc, c_ref)
+    diff = (u - u_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    s = torch.from_numpy(scale.astype(np.float64))
+    assert float((s - s_ref.double()).norm() / s_ref.double().norm()) < 1e-5
+
+
+def test_tc_plan_coverage() -> None:
+    """Which shapes take the tensor-core kernel (H100 limits), and with how many tokens per round."""
+    plan = make_plan(2048, 4096, 2, 0, 64, 64, OUT_S8, False, 132)
+    assert plan is not None and plan["rmax"] == 1 and plan["TB"] == 2  # narrow: two blocks per SM
+    plan = make_plan(2048, 11008, 1, 256, 0, 0, OUT_U8, False, 132)
+    assert plan is not None and plan["n1"] == 16 and plan["rmax"] == 8 and plan["TB"] == 1  # 43 units: wide
+    assert make_plan(1, 16384, 2, 0, 128, 128, OUT_U8, False, 132)["smem"] <= 232448 - 1024
+    assert make_plan(1, 11008, 2, 0, 86, 128, OUT_U8, False, 132) is None  # 86 not a multiple of 16
+    assert make_plan(1, 4096, 1, 128, 0, 0, OUT_U8, False, 132) is None  # block < 256: butterflies
+    assert make_plan(1, 32768, 1, 256, 0, 0, OUT_U8, False, 132) is None  # 128 chunks > 64 register slots
