@@ -14,48 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from benchmarks.kernels import bench, copies  # the same CUDA-graph timing and L2-defeating rotation
 
-L2_DEFEAT_BYTES = 256 << 20
 HQ, D = 32, 128
 BATCHES = [1, 16]
 KV_HEADS = [32, 8]
 LENGTHS = [1024, 4096, 16384]
-
-
-def bench(fns: list[Callable[[], object]], iters: int = 40, reps: int = 9) -> float:
-    """Median microseconds per call of CUDA-graph-replayed ``fns`` (rotated)."""
-    for _ in range(3):
-        for f in fns:
-            f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(iters):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / iters)
-    del g
-    return statistics.median(times)
-
-
-def copies(nbytes: int) -> int:
-    return max(1, min(16, -(-L2_DEFEAT_BYTES // max(nbytes, 1))))
 
 
 def step_bytes(b: int, hkv: int, length: int, bits: int) -> int:
