@@ -86,8 +86,7 @@ def roofline_pct(us: float, nbytes: float, ops: float, peak_ops: float, bw_tbps:
 
 
 W4A16_VARIANTS = ["4 warps x 4 blocks, double-buffered (v4)", "8 warps x 4 blocks", "8 warps x 2 blocks",
-                  "16 warps x 2 blocks", "16 warps x 1 block", "16 warps x 1 block, smem scales",
-                  "32 warps x 1 block, smem scales"]
+                  "16 warps x 2 blocks", "16 warps x 1 block"]
 
 
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:

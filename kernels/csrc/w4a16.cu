@@ -142,13 +142,10 @@ struct MmaVariant {
   int warps, unroll;
   bool db;
 };
-constexpr MmaVariant kMmaVariants[] = {{4, 4, true},   {8, 4, false},  {8, 2, false}, {16, 2, false},
-                                       {16, 1, false}, {16, 1, false}, {32, 1, false}};  // 5, 6: smem meta
+// (Run v5b also tried staging the block's scale/zero tile in shared memory: slower, removed.)
+constexpr MmaVariant kMmaVariants[] = {{4, 4, true}, {8, 4, false}, {8, 2, false}, {16, 2, false}, {16, 1, false}};
 constexpr int kNumMmaVariants = sizeof(kMmaVariants) / sizeof(kMmaVariants[0]);
 constexpr int kDefaultMmaVariant = 4;
-// Variants 5/6 stage 16 rows x (K / group) (scale, zero) pairs in dynamic shared memory next to the
-// static reduction buffer: usable while that fits the default 48 KB.
-constexpr size_t kSmemMetaLimit = 48 * 1024;
 
 template <int NT, int WARPS, int UNROLL, bool DB>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
@@ -274,120 +271,6 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
   }
 }
 
-// Variants 5, 6 (v5b): like <WARPS, UNROLL, no DB> but the block's 16 rows of (scale, zero) are staged in
-// shared memory once, by coalesced loads issued right after the first round of weight loads (so the two
-// overlap), instead of 4 scattered 4-byte loads per 128-k block per lane.
-template <int NT, int WARPS, int UNROLL>
-__global__ void __launch_bounds__(WARPS * 32) w4a16_mma_smeta_kernel(
-    const half* __restrict__ x, const uint8_t* __restrict__ qw, const float* __restrict__ scale,
-    const float* __restrict__ zero, const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K,
-    int group_size) {
-  __shared__ float red[WARPS][16][16];
-  extern __shared__ float2 meta[];  // [16][G]: (scale, 1024 + zero)
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16;
-  const int rA = min(n0 + g, N - 1), rB = min(n0 + g + 8, N - 1);
-  const int KB = K / 128, G = K / group_size;
-  const uint4* wA = reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
-  const uint4* wB = reinterpret_cast<const uint4*>(qw + (size_t)rB * (K / 2)) + t;
-  float acc[NT][4];
-#pragma unroll
-  for (int i = 0; i < NT; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-  uint4 va[UNROLL], vb[UNROLL];
-  auto load_w = [&](int base) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int kb = base + u;
-      if (kb < KB) {
-        va[u] = __ldg(wA + kb * 4);
-        vb[u] = __ldg(wB + kb * 4);
-      }
-    }
-  };
-  constexpr int kStride = WARPS * UNROLL;
-  const int first = warp * UNROLL;
-  load_w(first);
-  // rows n0..n0+15 are contiguous in scale/zero: element i of the [16][G] tile is at n0 * G + i
-  for (int i = threadIdx.x; i < 16 * G; i += WARPS * 32) {
-    const int r = i / G;
-    const size_t src = (size_t)min(n0 + r, N - 1) * G + (i - r * G);
-    meta[i] = make_float2(__ldg(scale + src), 1024.f + __ldg(zero + src));
-  }
-  __syncthreads();
-  for (int kb0 = first; kb0 < KB; kb0 += kStride) {
-    if (kb0 != first) load_w(kb0);
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int kb = kb0 + u;
-      if (kb >= KB) break;
-      const int grp = (kb * 128) / group_size;
-      const float2 ma = meta[g * G + grp], mb = meta[(g + 8) * G + grp];
-      const half2 z2a = __float2half2_rn(ma.y), z2b = __float2half2_rn(mb.y);
-      const uint32_t za = *reinterpret_cast<const uint32_t*>(&z2a);
-      const uint32_t zb = *reinterpret_cast<const uint32_t*>(&z2b);
-      float part[NT][4];
-      uint4 xv[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int b = nt * 8 + g;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
-        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)b * K + kb * 128 + t * 32);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[nt][q] = b < B ? __ldg(xp + q) : make_uint4(0u, 0u, 0u, 0u);
-      }
-      const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va[u]);
-      const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb[u]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-#pragma unroll
-        for (int sub = 0; sub < 2; ++sub) {
-          const uint32_t a0 = dq_pair(wa[q], 8 * sub, za);
-          const uint32_t a2 = dq_pair(wa[q], 8 * sub + 4, za);
-          const uint32_t a1 = dq_pair(wb[q], 8 * sub, zb);
-          const uint32_t a3 = dq_pair(wb[q], 8 * sub + 4, zb);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[nt][q]);
-            const uint32_t b0 = __byte_perm(xw[sub], xw[sub + 2], 0x5410);
-            const uint32_t b1 = __byte_perm(xw[sub], xw[sub + 2], 0x7632);
-            mma_f16(part[nt], a0, a1, a2, a3, b0, b1);
-          }
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        acc[nt][0] = fmaf(ma.x, part[nt][0], acc[nt][0]);
-        acc[nt][1] = fmaf(ma.x, part[nt][1], acc[nt][1]);
-        acc[nt][2] = fmaf(mb.x, part[nt][2], acc[nt][2]);
-        acc[nt][3] = fmaf(mb.x, part[nt][3], acc[nt][3]);
-      }
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    red[warp][g][nt * 8 + 2 * t] = acc[nt][0];
-    red[warp][g][nt * 8 + 2 * t + 1] = acc[nt][1];
-    red[warp][g + 8][nt * 8 + 2 * t] = acc[nt][2];
-    red[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) {
-    const int r = i >> 4, b = i & 15;
-    const int n = n0 + r;
-    if (b < B && b < NT * 8 && n < N) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
-      if (bias) v += __half2float(bias[n]);
-      out[(size_t)b * N + n] = __float2half(v);
-    }
-  }
-}
-
 template <int NT>
 void launch_mma_variant(int variant, int grid, cudaStream_t stream, const half* xp, const uint8_t* qw, const float* sc,
                         const float* zr, const half* bp, half* op, int M, int N, int K, int group_size) {
@@ -398,17 +281,7 @@ void launch_mma_variant(int variant, int grid, cudaStream_t stream, const half* 
     case 1: QAAS_MMA(8, 4, false); break;
     case 2: QAAS_MMA(8, 2, false); break;
     case 3: QAAS_MMA(16, 2, false); break;
-    case 4: QAAS_MMA(16, 1, false); break;
-    case 5: {
-      const size_t meta_bytes = (size_t)16 * (K / group_size) * sizeof(float2);
-      w4a16_mma_smeta_kernel<NT, 16, 1><<<grid, 16 * 32, meta_bytes, stream>>>(xp, qw, sc, zr, bp, op, M, N, K, group_size);
-      break;
-    }
-    default: {
-      const size_t meta_bytes = (size_t)16 * (K / group_size) * sizeof(float2);
-      w4a16_mma_smeta_kernel<NT, 32, 1><<<grid, 32 * 32, meta_bytes, stream>>>(xp, qw, sc, zr, bp, op, M, N, K, group_size);
-      break;
-    }
+    default: QAAS_MMA(16, 1, false); break;
   }
 #undef QAAS_MMA
 }
@@ -476,11 +349,7 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
   half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
   if (K % 128 == 0 && group_size % 128 == 0) {
     const int grid = (int)((N + 15) / 16);
-    int v = (variant >= 0 && variant < kNumMmaVariants) ? (int)variant : kDefaultMmaVariant;
-    if (v >= 5) {
-      const size_t red_bytes = (size_t)kMmaVariants[v].warps * 16 * 16 * sizeof(float);
-      if (red_bytes + (size_t)16 * (K / group_size) * sizeof(float2) > kSmemMetaLimit) v = 4;
-    }
+    const int v = (variant >= 0 && variant < kNumMmaVariants) ? (int)variant : kDefaultMmaVariant;
     if (M <= 8)
       launch_mma_variant<1>(v, grid, stream, xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
                             bp, op, (int)M, (int)N, (int)K, (int)group_size);
