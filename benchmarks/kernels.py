@@ -86,7 +86,9 @@ def roofline_pct(us: float, nbytes: float, ops: float, peak_ops: float, bw_tbps:
 
 
 W4A16_VARIANTS = ["4 warps x 4 blocks, double-buffered (v4)", "8 warps x 4 blocks", "8 warps x 2 blocks",
-                  "16 warps x 2 blocks", "16 warps x 1 block"]
+                  "16 warps x 2 blocks", "16 warps x 1 block",
+                  "bulk-copy streaming, 16 warps", "bulk-copy streaming, 8 warps",
+                  "bulk-copy streaming, 16 warps, PDL"]
 
 
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:
@@ -240,6 +242,82 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
     return rows
 
 
+# The four quantized matmul groups of one LLaMA-7B decoder layer. FlatQuant (and QuaRot / OSTQuant) apply ONE
+# online transform per distinct activation: q/k/v share the attention input's, gate/up share the MLP input's.
+LLAMA7B_LAYER_GROUPS = [("qkv", 4096, 3 * 4096), ("o_proj", 4096, 4096), ("gate_up", 4096, 2 * 11008),
+                        ("down_proj", 11008, 4096)]
+
+
+def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
+    """Transform overhead per decoder layer at ``m`` tokens: for each group, act_quant_s8 (+ transform) then the
+    wgmma W8A8 GEMM with the group's fused output width; the overhead is summed over the four groups and divided by
+    the layer's quantized-matmul time (attention and norms excluded: a conservative denominator)."""
+    from quant.transforms.kronecker import kron_factors
+
+    dev = "cuda"
+    ext = kernels._ext.extension()
+    rows: list[dict] = []
+    clip = torch.tensor(0.95, device=dev)
+    totals: dict[str, float] = {}
+    for name, k, n in LLAMA7B_LAYER_GROUPS:
+        n1, n2 = kron_factors(k)
+        p1 = torch.randn(n1, n1, generator=gen, device=dev) / n1**0.5 + torch.eye(n1, device=dev)
+        p2 = torch.randn(n2, n2, generator=gen, device=dev) / n2**0.5 + torch.eye(n2, device=dev)
+        hb = dispatch.hadamard_block_for(k)
+        kinds = [("none", 0, 0, None, None), (f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{n2}", 2, 0, p1, p2)]
+        ncw = copies(n * k)
+        wq = [(torch.randint(1, 256, (n, k), generator=gen, dtype=torch.uint8, device=dev),
+               torch.rand(n, generator=gen, device=dev) * 0.01 + 1e-3) for _ in range(ncw)]
+        xs = [torch.randn(m, k, generator=gen, device=dev).half() for _ in range(ncw)]
+        wf = [(torch.randn(n, k, generator=gen, device=dev) / k**0.5).half() for _ in range(copies(2 * n * k))]
+        t_fp16 = bench([lambda w=w, x=x: F.linear(x, w) for w, x in zip(wf, xs)])
+        del wf
+        q0, sa0, c0 = ext.act_quant_s8(xs[0], clip, 0, 0, None, None)
+        cfg = min((0, 1, 2), key=lambda c: bench([lambda q=q, c=c: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, c)
+                                                  for q in wq], iters=20, reps=3))
+
+        def layer(q, x, mode, hb_, a, b):
+            qa, sa, ca = ext.act_quant_s8(x, clip, mode, hb_, a, b)
+            return ext.w8a8_gemm_sm90(qa, sa, ca, q[0], q[1], None, cfg)
+
+        base = None
+        for kind, mode, hb_, a, b in kinds:
+            t = bench([lambda q=q, x=x, mode=mode, hb_=hb_, a=a, b=b: layer(q, x, mode, hb_, a, b) for q, x in zip(wq, xs)])
+            label = kind.split(" ")[0]
+            totals[label] = totals.get(label, 0.0) + t
+            row = dict(kernel=f"{name}: act_quant_s8 [{kind}] + wgmma GEMM (cfg {cfg})", us=t, K=k, N=n, M=m,
+                       speedup=t_fp16 / t)
+            if base is None:
+                base = t
+            else:
+                row["transform_overhead_pct"] = 100.0 * (t - base) / t
+            rows.append(row)
+        totals["fp16"] = totals.get("fp16", 0.0) + t_fp16
+        rows.append(dict(kernel=f"{name}: fp16 cuBLAS (F.linear)", us=t_fp16, K=k, N=n, M=m))
+        del wq, xs
+        torch.cuda.empty_cache()
+    for label in ("none", "hadamard", "kronecker"):
+        row = dict(kernel=f"LAYER TOTAL (4 groups) [{label}]", us=totals[label], K=0, N=0, M=m,
+                   speedup=totals["fp16"] / totals[label])
+        if label != "none":
+            row["transform_overhead_pct"] = 100.0 * (totals[label] - totals["none"]) / totals[label]
+        rows.append(row)
+    rows.append(dict(kernel="LAYER TOTAL (4 groups) fp16 cuBLAS", us=totals["fp16"], K=0, N=0, M=m))
+    return rows
+
+
+def layer_markdown(rows: list[dict], device: str) -> str:
+    lines = [f"Device: {device}. One LLaMA-7B decoder layer's quantized matmuls (W8A8 wgmma), online transform shared "
+             "per activation as in FlatQuant; overhead = (with - without) / with.", "",
+             "| group | K x N | M | kernel | time (us) | speedup vs fp16 | transform overhead % |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        ov = f"{r['transform_overhead_pct']:.1f}" if "transform_overhead_pct" in r else "-"
+        grp = r["kernel"].split(":")[0] if ":" in r["kernel"] else "layer"
+        lines.append(f"| {grp} | {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['us']:.1f} | {sp} | {ov} |")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(rows: list[dict], ceilings: dict[str, float], device: str) -> str:
     lines = [
         f"Device: {device}. Measured ceilings: copy {ceilings['copy_TBps']:.2f} TB/s (read+write), "
@@ -261,7 +339,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--sections", default="w4a16,sm90,int", help="comma list of w4a16, sm90, int")
+    ap.add_argument("--sections", default="w4a16,sm90,int,layer", help="comma list of w4a16, sm90, int, layer")
     args = ap.parse_args()
     assert kernels.available(), kernels.unavailable_reason()
     out = Path(args.out)
@@ -273,6 +351,12 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     sections = set(args.sections.split(","))
     rows: list[dict] = []
+    if "layer" in sections and kernels._ext.extension().has_sm90_gemm():
+        lrows = run_layer_share(2048, gen)
+        (out / "layer_transform.json").write_text(json.dumps({"device": device, "rows": lrows}, indent=1))
+        lmd = layer_markdown(lrows, device)
+        (out / "layer_transform.md").write_text(lmd)
+        print(lmd, flush=True)
     for k, n in SHAPES:
         for m in map(int, args.tokens.split(",")):
             rows.extend(run_shape(k, n, m, ceilings["copy_TBps"], gen, sections))

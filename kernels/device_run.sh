@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, build the extension, run the kernel tests, run the
 # benchmarks. Logs and result tables go to $OUT (default ./out). Usage: bash kernels/device_run.sh [stages]
-# stages: any of build,test,bench,e2e (default all).
+# stages: any of build,test,bench,ncu,kv,e2e (default build,test,bench,e2e).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}
@@ -26,10 +26,11 @@ if [[ $STAGES == *bench* ]]; then
   timeout 420 python3 -m benchmarks.kernels --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -120
 fi
 if [[ $STAGES == *ncu* ]]; then
-  timeout 120 ncu --clock-control none --kernel-name regex:w4a16_mma --launch-skip 2 --launch-count 1 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-    --section LaunchStats python3 -m kernels.profile_w4a16 > "$OUT/ncu_w4a16.txt" 2>&1
-  grep -E "Duration|Throughput|Bandwidth|Achieved Occupancy|Registers|Stall|L1/TEX Hit|L2 Hit|Warp Cycles" "$OUT/ncu_w4a16.txt" | head -40
+  NCU="ncu --clock-control none --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis"
+  timeout 100 $NCU --kernel-name regex:w4a16 python3 -m kernels.profile_kernels w4a16 --k 4096 --n 4096 > "$OUT/ncu_w4a16.txt" 2>&1
+  timeout 100 $NCU --kernel-name regex:act_quant python3 -m kernels.profile_kernels act_quant --k 4096 --transform kronecker > "$OUT/ncu_act_quant_kron.txt" 2>&1
+  timeout 100 $NCU --kernel-name regex:act_quant python3 -m kernels.profile_kernels act_quant --k 4096 --transform none > "$OUT/ncu_act_quant_none.txt" 2>&1
+  for f in "$OUT"/ncu_*.txt; do echo "== $f"; grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|L2 Hit|Dynamic Shared" "$f" | head -24; done
 fi
 if [[ $STAGES == *kv* ]]; then
   timeout 200 python3 -m benchmarks.kv_attention --out "$OUT" 2>&1 | tee "$OUT/kv_attention.log" | tail -40

@@ -2,7 +2,9 @@
 //
 // Two kernels compute the same function:
 //
-// * act_quant_tc_kernel (fp16 input; Kronecker with n1, n2 multiples of 16 and <= 128; block Hadamard of
+// * act_quant_tc_kernel (fp16 input; Kronecker with 16 <= n1 <= 128 and n2 a multiple of 16 <= 128 (n1 is
+//   padded to N1, the next multiple of 16: zero rows of X in shared memory, zero rows/columns of P1, padded
+//   output rows never written); block Hadamard of
 //   a power-of-two size 256 <= hb <= 16384): the transform on tensor cores (mma.sync m16n8k16, fp16 x
 //   fp16 -> fp32). A chunk of n1 * n2 consecutive row elements, reshaped X [n1, n2], becomes
 //   Y = P1^T X P2 (Kronecker: the whole row, x @ kron(P1, P2); Hadamard: each hb block, P1 = H_n1,
@@ -282,24 +284,27 @@ __device__ __forceinline__ int quant1(float v, float scale) {
 }
 
 // Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each),
-// X for TB tokens x 2 buffers (rows of n2 halves padded by 8: conflict-free ldmatrix), codes of TB tokens.
-__host__ __device__ inline size_t smem_bytes(int n1, int n2, bool lo, int TB, int K, int CB) {
-  return (size_t)2 * (n1 * n1 + n2 * n2) * (lo ? 2 : 1) + (size_t)2 * TB * (K / n2) * (n2 + 8) * 2 +
+// X for TB tokens x 2 buffers (chunks x N1 rows of n2 halves padded by 8: conflict-free ldmatrix; rows n1..N1-1
+// of each chunk are zero), codes of TB tokens. N1 = n1 rounded up to a multiple of 16.
+__host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K, int CB) {
+  const int chunks = K / (n1 * n2);
+  return (size_t)2 * (N1 * N1 + n2 * n2) * (lo ? 2 : 1) + (size_t)2 * TB * chunks * N1 * (n2 + 8) * 2 +
          (size_t)TB * CB;
 }
 
 template <int N1, int RMAX, bool FAST, int OUT>
 __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc_kernel(
-    const __half* __restrict__ x, int M, int K, int n2, int had, const float* __restrict__ clip,
+    const __half* __restrict__ x, int M, int K, int n1, int n2, int had, const float* __restrict__ clip,
     const float* __restrict__ p1, const float* __restrict__ p2, float norm, int TB, int nrounds,
     uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
   constexpr int NB1 = N1 / 16;
   constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
   const bool lo = !FAST && !had;  // P split in hi + lo (Kronecker, compensated)
   const int NB2 = n2 >> 4;        // 16-blocks of n2 = j-tiles per chunk
-  const int U = K / (16 * N1);    // units (chunk, j-tile) per token
+  const int chunks = K / (n1 * n2);
+  const int U = chunks * NB2;     // units (chunk, j-tile) per token
   const int xstr = n2 + 8;        // halves per staged X row
-  const int xtok = (K / n2) * xstr;
+  const int xtok = chunks * N1 * xstr;
   const int CB = OUT == kOutU4 ? K / 2 : K;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -327,9 +332,18 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
       const int tb = q / per_tok;
       const int w = q - tb * per_tok;
       const int r = w / W, c = w - r * W;
-      cp_async16(dst + (uint32_t)(tb * xtok + r * xstr + c * 8) * 2u, src + (size_t)q * 8);
+      const int srow = r + (r / n1) * (N1 - n1);  // padded row: chunk * N1 + row in chunk
+      cp_async16(dst + (uint32_t)(tb * xtok + srow * xstr + c * 8) * 2u, src + (size_t)q * 8);
     }
   };
+  if (n1 != N1) {  // zero the padding rows of both buffers once (cp.async never writes them)
+    const int prow = N1 - n1;
+    for (int q = tid; q < 2 * TB * chunks * prow * xstr; q += kThreadsTc) {
+      const int row = q / xstr, col = q - row * xstr;
+      const int tc = row / prow;  // (buffer, token, chunk)
+      sx[(size_t)tc * N1 * xstr + (size_t)(n1 + row - tc * prow) * xstr + col] = __float2half_rn(0.f);
+    }
+  }
   if ((int)blockIdx.x < nrounds) issue(blockIdx.x, 0);
   cp_async_commit();
 
@@ -365,7 +379,8 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const int e = e0 + k * kThreadsTc + tid;
-      pv[k] = (had || e >= N1 * N1) ? 0.f : __ldg(p1 + e);
+      const int a = e / N1, i = e - a * N1;
+      pv[k] = (had || e >= N1 * N1 || a >= n1 || i >= n1) ? 0.f : __ldg(p1 + a * n1 + i);
     }
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
@@ -509,13 +524,15 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         const int tb = u / U, v = u - tb * U;
         const int c = v / NB2, jt = v - c * NB2;
         const float scale = fmaxf(__uint_as_float(s_amax[tb]) * clip_ratio / (float)QMAX, kEps);
-        const int e0 = c * N1 * n2 + jt * 16 + 4 * t;
+        const int e0 = c * n1 * n2 + jt * 16 + 4 * t;
         int rsum = 0;
 #pragma unroll
         for (int mi = 0; mi < NB1; ++mi)
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
-            const int e = e0 + (mi * 16 + g + 8 * hr) * n2;  // physical columns 4t .. 4t+3 of row i
+            const int row = mi * 16 + g + 8 * hr;
+            if (N1 != n1 && row >= n1) continue;  // padding row (zero): not part of the output
+            const int e = e0 + row * n2;  // physical columns 4t .. 4t+3 of row i
             const int q0 = quant1<QMAX>(y[r][mi][0][2 * hr] * ysc[r], scale);
             const int q1 = quant1<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], scale);
             const int q2 = quant1<QMAX>(y[r][mi][1][2 * hr] * ysc[r], scale);
@@ -559,7 +576,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
 }
 
 struct Plan {
-  int n1 = 0, n2 = 0, had = 0, rmax = 0, TB = 0, nrounds = 0;
+  int n1 = 0, N1 = 0, n2 = 0, had = 0, rmax = 0, TB = 0, nrounds = 0;  // N1: n1 padded to a multiple of 16
   float norm = 1.f;
   size_t smem = 0;
 };
@@ -599,29 +616,30 @@ bool make_plan(const at::Tensor& x, int mode, int hb, int n1, int n2, int out, i
     p.had = 1;
     p.norm = (float)(1.0 / std::sqrt((double)hb));
   } else {
-    if (n1 % 16 || n2 % 16 || n1 < 16 || n2 < 16 || n1 > 128 || n2 > 128) return false;
+    if (n2 % 16 || n1 < 16 || n2 < 16 || n1 > 128 || n2 > 128) return false;
     p.n1 = n1;
     p.n2 = n2;
     p.had = 0;
     p.norm = 1.f;
   }
   if (K % (p.n1 * p.n2) != 0) return false;
-  const int U = K / (16 * p.n1);  // units per token
+  p.N1 = (p.n1 + 15) / 16 * 16;
+  const int U = (K / (p.n1 * p.n2)) * (p.n2 / 16);  // units per token
   const bool lo = !fast_mode() && !p.had;
   const int CB = out == kOutU4 ? K / 2 : K;
   // narrow first (two blocks per SM: shared memory of each <= half the SM's), else wide (one block)
   for (int narrow = wide_only() ? 0 : 1; narrow >= 0; --narrow) {
-    const int rmax = narrow ? rmax_narrow(p.n1) : rmax_wide(p.n1);
+    const int rmax = narrow ? rmax_narrow(p.N1) : rmax_wide(p.N1);
     const int slots = kWarps * rmax;
     if (rmax == 0 || U > slots) continue;
     const size_t limit = narrow ? (size_t)smem_per_sm / 2 - 2048 : (size_t)smem_optin - 1024;
     const int blocks = sms * (narrow ? 2 : 1);
     int TB = std::max(1, std::min(std::min(kMaxTB, slots / U), (M + blocks - 1) / blocks));
-    while (TB > 1 && smem_bytes(p.n1, p.n2, lo, TB, K, CB) > limit) --TB;
-    if (smem_bytes(p.n1, p.n2, lo, TB, K, CB) > limit) continue;
+    while (TB > 1 && smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, CB) > limit) --TB;
+    if (smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, CB) > limit) continue;
     p.rmax = rmax;
     p.TB = TB;
-    p.smem = smem_bytes(p.n1, p.n2, lo, TB, K, CB);
+    p.smem = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, CB);
     p.nrounds = (M + TB - 1) / TB;
     return true;
   }
@@ -656,7 +674,7 @@ void launch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, con
   const int occ = blocks_per_sm(reinterpret_cast<const void*>(kernel), dev, smem_optin, p.smem);
   const int grid = std::max(1, std::min(p.nrounds, sms * occ));
   kernel<<<grid, kThreadsTc, p.smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const __half*>(x.data_ptr()), (int)x.size(0), (int)x.size(1), p.n2, p.had,
+      reinterpret_cast<const __half*>(x.data_ptr()), (int)x.size(0), (int)x.size(1), p.n1, p.n2, p.had,
       clip.data_ptr<float>(), p1, p2, p.norm, p.TB, p.nrounds, codes, scales, corr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -665,7 +683,7 @@ template <bool FAST, int OUT>
 void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const Plan& p,
                  int dev, int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
 #define QAAS_TC(N1_, R_)                                                                      \
-  if (p.n1 == N1_ && p.rmax == R_) {                                                          \
+  if (p.N1 == N1_ && p.rmax == R_) {                                                          \
     launch_tc<N1_, R_, FAST, OUT>(x, clip, p1, p2, p, dev, sms, smem_optin, codes, scales, corr); \
     return;                                                                                   \
   }
@@ -675,7 +693,7 @@ void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, c
   // narrow
   QAAS_TC(16, rmax_narrow(16)) QAAS_TC(32, rmax_narrow(32)) QAAS_TC(48, rmax_narrow(48)) QAAS_TC(64, rmax_narrow(64))
 #undef QAAS_TC
-  TORCH_CHECK(false, "act_quant: internal error, no tensor-core kernel for n1 = ", p.n1, ", rmax = ", p.rmax);
+  TORCH_CHECK(false, "act_quant: internal error, no tensor-core kernel for N1 = ", p.N1, ", rmax = ", p.rmax);
 }
 
 }  // namespace tc

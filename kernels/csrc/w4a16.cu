@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include "common.cuh"
+#include "w4a16_common.cuh"
 
 namespace qaas {
 namespace {
@@ -112,28 +113,11 @@ __global__ void __launch_bounds__(kGemvThreads) w4a16_gemv_kernel(
 }
 
 // Tensor-core decode path (group_size % 128 == 0, K % 128 == 0): mma.sync m16n8k16 f16 x f16 -> f32.
-// A block of 4 warps owns 16 output rows and splits K between its warps. Lane (g, t) loads 16 bytes
-// (32 codes) of rows g and g+8 at k = 128*kb + 32*t, i.e. 4 lanes cover one 64-byte row segment
-// (full sectors). The mma k-slots are assigned to the data each lane already holds (the k order inside
-// an mma is free as long as A and B agree): per 32-bit word of codes, shift s in {0,4,8,12} yields the
-// half2 pair (e_{s/4}, e_{4+s/4}) via the 0x6400 magic number, and the activation fragment takes the
-// same pairs with one byte-permute. (u - z) is exact in fp16, products accumulate in fp32 per group and
-// the group scale is applied in fp32 once per 128-k block: no rounding of the weights.
-__device__ __forceinline__ uint32_t dq_pair(uint32_t w, int shift, uint32_t z2) {
-  const uint32_t h = ((w >> shift) & 0x000F000Fu) | 0x64006400u;
-  const half2 r = __hsub2(*reinterpret_cast<const half2*>(&h), *reinterpret_cast<const half2*>(&z2));
-  return *reinterpret_cast<const uint32_t*>(&r);
-}
-
-__device__ __forceinline__ void mma_f16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
+// A block owns 16 output rows and splits K between its warps; lane (g, t) loads 16 bytes (32 codes) of
+// rows g and g+8 at k = 128*kb + 32*t, i.e. 4 lanes cover one 64-byte row segment (full sectors).
+// Fragment math in w4a16_common.cuh; the group scale is applied in fp32 once per 128-k block: no
+// rounding of the weights. This is the register-streaming kernel; w4a16_stream.cu streams the same
+// tiles through shared memory with bulk copies (the default where it applies).
 // Variants (v5): WARPS warps per block split K; UNROLL 128-k blocks per warp per round; DB = register
 // double buffering of the next round. v4 was <4 warps, 4, DB>: 150 registers and ~8 warps per SM at
 // N=4096 (256 blocks of 4 warps), latency-bound (ncu). More warps per block multiply the warps per SM and
@@ -146,6 +130,15 @@ struct MmaVariant {
 constexpr MmaVariant kMmaVariants[] = {{4, 4, true}, {8, 4, false}, {8, 2, false}, {16, 2, false}, {16, 1, false}};
 constexpr int kNumMmaVariants = sizeof(kMmaVariants) / sizeof(kMmaVariants[0]);
 constexpr int kDefaultMmaVariant = 4;
+// Variants kNumMmaVariants.. : the bulk-copy streaming kernel (w4a16_stream.cu); where it does not apply
+// (N % 16, alignment, a tile larger than shared memory) the call falls back to kDefaultMmaVariant.
+struct StreamVariant {
+  int warps;
+  bool pdl;
+};
+constexpr StreamVariant kStreamVariants[] = {{16, false}, {8, false}, {16, true}};
+constexpr int kNumVariants = kNumMmaVariants + sizeof(kStreamVariants) / sizeof(kStreamVariants[0]);
+constexpr int kDefaultVariant = kNumMmaVariants;  // streaming, 16 warps, no PDL
 
 template <int NT, int WARPS, int UNROLL, bool DB>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
@@ -181,10 +174,8 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
         const int grp = (kb * 128) / group_size;
         sa[buf][u] = __ldg(scale + (size_t)rA * G + grp);
         sb[buf][u] = __ldg(scale + (size_t)rB * G + grp);
-        const half2 z2a = __float2half2_rn(1024.f + __ldg(zero + (size_t)rA * G + grp));
-        const half2 z2b = __float2half2_rn(1024.f + __ldg(zero + (size_t)rB * G + grp));
-        za[buf][u] = *reinterpret_cast<const uint32_t*>(&z2a);
-        zb[buf][u] = *reinterpret_cast<const uint32_t*>(&z2b);
+        za[buf][u] = w4::zero_pair(__ldg(zero + (size_t)rA * G + grp));
+        zb[buf][u] = w4::zero_pair(__ldg(zero + (size_t)rB * G + grp));
       }
     }
   };
@@ -194,35 +185,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
       const int kb = base + u;
       if (kb >= KB) break;
       float part[NT][4];
-      uint4 xv[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int b = nt * 8 + g;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
-        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)b * K + kb * 128 + t * 32);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[nt][q] = b < B ? __ldg(xp + q) : make_uint4(0u, 0u, 0u, 0u);
-      }
-      const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va[buf][u]);
-      const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb[buf][u]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-#pragma unroll
-        for (int sub = 0; sub < 2; ++sub) {
-          const uint32_t a0 = dq_pair(wa[q], 8 * sub, za[buf][u]);
-          const uint32_t a2 = dq_pair(wa[q], 8 * sub + 4, za[buf][u]);
-          const uint32_t a1 = dq_pair(wb[q], 8 * sub, zb[buf][u]);
-          const uint32_t a3 = dq_pair(wb[q], 8 * sub + 4, zb[buf][u]);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[nt][q]);
-            const uint32_t b0 = __byte_perm(xw[sub], xw[sub + 2], 0x5410);
-            const uint32_t b1 = __byte_perm(xw[sub], xw[sub + 2], 0x7632);
-            mma_f16(part[nt], a0, a1, a2, a3, b0, b1);
-          }
-        }
-      }
+      w4::kblock_mma<NT>(va[buf][u], vb[buf][u], za[buf][u], zb[buf][u], x, B, K, kb, g, t, part);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         acc[nt][0] = fmaf(sa[buf][u], part[nt][0], acc[nt][0]);
@@ -349,7 +312,17 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
   half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
   if (K % 128 == 0 && group_size % 128 == 0) {
     const int grid = (int)((N + 15) / 16);
-    const int v = (variant >= 0 && variant < kNumMmaVariants) ? (int)variant : kDefaultMmaVariant;
+    int v = (variant >= 0 && variant < kNumVariants) ? (int)variant : kDefaultVariant;
+    if (v >= kNumMmaVariants) {
+      const StreamVariant sv = kStreamVariants[v - kNumMmaVariants];
+      if (w4::launch_stream_decode(M <= 8 ? 1 : 2, sv.warps, sv.pdl, stream, xp, qw.data_ptr<uint8_t>(),
+                                   scale.data_ptr<float>(), zero.data_ptr<float>(), bp, op, (int)M, (int)N, (int)K,
+                                   (int)group_size)) {
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return out;
+      }
+      v = kDefaultMmaVariant;
+    }
     if (M <= 8)
       launch_mma_variant<1>(v, grid, stream, xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
                             bp, op, (int)M, (int)N, (int)K, (int)group_size);
@@ -380,7 +353,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::
   return w4a16_gemm_variant_cuda(x, qw, scale, zero, group_size, bias, -1);
 }
 
-int64_t w4a16_num_variants() { return kNumMmaVariants; }
+int64_t w4a16_num_variants() { return kNumVariants; }
 
 at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size) {
   const c10::cuda::CUDAGuard guard(qw.device());

@@ -1,0 +1,87 @@
+// Device helpers shared by the W4A16 tensor-core decode kernels (w4a16.cu, w4a16_stream.cu).
+//
+// Fragment convention (mma.sync m16n8k16, f16 x f16 -> f32): for a 16-row x 128-k weight block, lane
+// (g = lane / 4, t = lane % 4) holds the 16 bytes (32 codes) of rows g and g + 8 at k = 32 t .. 32 t + 31.
+// The mma k-slots are assigned to the data each lane already holds (the k order inside an mma is free as
+// long as A and B agree): per 32-bit word of codes, shift s in {0, 4, 8, 12} yields the half2 pair
+// (e_{s/4}, e_{4+s/4}) via the 0x6400 magic number, and the activation fragment takes the same pairs with
+// one byte-permute. (u - z) is exact in fp16; products accumulate in fp32.
+#pragma once
+
+#include "common.cuh"
+
+namespace qaas {
+namespace w4 {
+
+// Two codes of one 32-bit word (nibbles at `shift` and `shift + 16`) minus the zero point, as half2.
+// z2 holds (1024 + z) twice: 0x6400 | u is the fp16 value 1024 + u, so the subtraction is exact.
+__device__ __forceinline__ uint32_t dq_pair(uint32_t w, int shift, uint32_t z2) {
+  const uint32_t h = ((w >> shift) & 0x000F000Fu) | 0x64006400u;
+  const half2 r = __hsub2(*reinterpret_cast<const half2*>(&h), *reinterpret_cast<const half2*>(&z2));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+__device__ __forceinline__ uint32_t zero_pair(float zero) {
+  const half2 z2 = __float2half2_rn(1024.f + zero);
+  return *reinterpret_cast<const uint32_t*>(&z2);
+}
+
+__device__ __forceinline__ void mma_f16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One 128-k block of a 16-row tile for NT groups of 8 tokens: codes va (row g) / vb (row g + 8), zero
+// pairs za / zb; x points at token 0 of the activations [B, K]; part[nt] receives the fp32 dot products
+// (C fragment: c0 (row g, token 2t), c1 (row g, token 2t+1), c2 / c3 the same for row g + 8).
+// X_SHARED: x points into shared memory (plain loads) instead of global memory (read-only cache loads).
+template <int NT, bool X_SHARED = false>
+__device__ __forceinline__ void kblock_mma(const uint4& va, const uint4& vb, uint32_t za, uint32_t zb,
+                                           const half* __restrict__ x, int B, int K, int kb, int g, int t,
+                                           float (&part)[NT][4]) {
+  uint4 xv[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = nt * 8 + g;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
+    const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)b * K + kb * 128 + t * 32);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      xv[nt][q] = b < B ? (X_SHARED ? xp[q] : __ldg(xp + q)) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va);
+  const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {
+      const uint32_t a0 = dq_pair(wa[q], 8 * sub, za);
+      const uint32_t a2 = dq_pair(wa[q], 8 * sub + 4, za);
+      const uint32_t a1 = dq_pair(wb[q], 8 * sub, zb);
+      const uint32_t a3 = dq_pair(wb[q], 8 * sub + 4, zb);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[nt][q]);
+        const uint32_t b0 = __byte_perm(xw[sub], xw[sub + 2], 0x5410);
+        const uint32_t b1 = __byte_perm(xw[sub], xw[sub + 2], 0x7632);
+        mma_f16(part[nt], a0, a1, a2, a3, b0, b1);
+      }
+    }
+  }
+}
+
+// Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment
+// or shared-memory budget does not allow it (the caller then uses the register-streaming kernel).
+// warps: 8 or 16 per block; pdl: launch with programmatic dependent launch (the weight copies are issued
+// before waiting for the previous kernel in the stream; the activations are read after).
+bool launch_stream_decode(int nt_groups, int warps, bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw,
+                          const float* scale, const float* zero, const half* bias, half* out, int B, int N, int K,
+                          int group_size);
+
+}  // namespace w4
+}  // namespace qaas

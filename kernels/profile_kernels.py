@@ -1,0 +1,66 @@
+"""Drive one qaas kernel for a profiler, e.g. ``ncu ... python3 -m kernels.profile_kernels w4a16 --k 4096 --n 4096``.
+
+Fresh random inputs (int4 codes 1..15, non-zero activations); five calls so a ``--launch-skip`` lands on a warm one.
+Kernels: ``w4a16`` (decode, 1 token; ``--variant`` as in ``w4a16_gemm_variant``), ``act_quant`` (int8 per-token
+quantization of ``--tokens`` x ``--k`` fp16 activations with ``--transform`` none / hadamard / kronecker).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import kernels
+from kernels import dispatch
+from quant.quantizers.packing import pack_int4
+from quant.transforms.kronecker import kron_factors
+
+
+def profile_w4a16(k: int, n: int, variant: int, gen: torch.Generator) -> None:
+    ext = kernels._ext.extension()
+    group = 128
+    qw = pack_int4(torch.randint(1, 16, (n, k), generator=gen, dtype=torch.uint8)).cuda()
+    scale = (torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3).cuda()
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float().cuda()
+    x = torch.randn(1, k, generator=gen).half().cuda()
+    for _ in range(5):
+        ext.w4a16_gemm_variant(x, qw, scale, zero, group, None, variant)
+
+
+def profile_act_quant(tokens: int, k: int, transform: str, gen: torch.Generator) -> None:
+    ext = kernels._ext.extension()
+    x = torch.randn(tokens, k, generator=gen).half().cuda()
+    clip = torch.tensor(0.95).cuda()
+    mode, hb, p1, p2 = 0, 0, None, None
+    if transform == "hadamard":
+        mode, hb = 1, dispatch.hadamard_block_for(k)
+    elif transform == "kronecker":
+        n1, n2 = kron_factors(k)
+        mode = 2
+        p1 = (torch.randn(n1, n1, generator=gen) / n1**0.5 + torch.eye(n1)).cuda()
+        p2 = (torch.randn(n2, n2, generator=gen) / n2**0.5 + torch.eye(n2)).cuda()
+    for _ in range(5):
+        ext.act_quant_s8(x, clip, mode, hb, p1, p2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=["w4a16", "act_quant"])
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--variant", type=int, default=-1)
+    ap.add_argument("--transform", default="kronecker", choices=["none", "hadamard", "kronecker"])
+    args = ap.parse_args()
+    assert kernels.available(), kernels.unavailable_reason()
+    gen = torch.Generator().manual_seed(0)
+    if args.kernel == "w4a16":
+        profile_w4a16(args.k, args.n, args.variant, gen)
+    else:
+        profile_act_quant(args.tokens, args.k, args.transform, gen)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
