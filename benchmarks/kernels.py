@@ -87,8 +87,8 @@ def roofline_pct(us: float, nbytes: float, ops: float, peak_ops: float, bw_tbps:
 
 W4A16_VARIANTS = ["4 warps x 4 blocks, double-buffered (v4)", "8 warps x 4 blocks", "8 warps x 2 blocks",
                   "16 warps x 2 blocks", "16 warps x 1 block",
-                  "bulk-copy streaming, 16 warps", "bulk-copy streaming, 8 warps",
-                  "bulk-copy streaming, 16 warps, PDL"]
+                  "smem streaming, TMA bulk copies", "smem streaming, 16-byte cp.async",
+                  "smem streaming, 16-byte cp.async, PDL"]
 
 
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:

@@ -20,16 +20,20 @@ if [[ $STAGES == *build* ]]; then
   [[ $rc -ne 0 ]] && { tail -40 "$OUT/build.log"; exit 1; }
 fi
 if [[ $STAGES == *test* ]]; then
-  timeout 300 python3 -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|FAILED|Error" | head -40
+  timeout 300 python3 -m pytest tests/kernels tests/benchmarks ${PYTEST_EXTRA:-} -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|FAILED|Error" | head -40
 fi
 if [[ $STAGES == *bench* ]]; then
   timeout 420 python3 -m benchmarks.kernels --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -120
 fi
 if [[ $STAGES == *ncu* ]]; then
   NCU="ncu --clock-control none --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis"
-  timeout 100 $NCU --kernel-name regex:w4a16 python3 -m kernels.profile_kernels w4a16 --k 4096 --n 4096 > "$OUT/ncu_w4a16.txt" 2>&1
-  timeout 100 $NCU --kernel-name regex:act_quant python3 -m kernels.profile_kernels act_quant --k 4096 --transform kronecker > "$OUT/ncu_act_quant_kron.txt" 2>&1
-  timeout 100 $NCU --kernel-name regex:act_quant python3 -m kernels.profile_kernels act_quant --k 4096 --transform none > "$OUT/ncu_act_quant_none.txt" 2>&1
+  for v in ${NCU_W4_VARIANTS:-4}; do
+    timeout 100 $NCU --kernel-name regex:w4a16 python3 -m kernels.profile_kernels w4a16 --k 4096 --n 4096 --variant $v > "$OUT/ncu_w4a16_v$v.txt" 2>&1
+  done
+  if [[ -z ${NCU_SKIP_ACT_QUANT:-} ]]; then
+    timeout 100 $NCU --kernel-name regex:act_quant python3 -m kernels.profile_kernels act_quant --k 4096 --transform kronecker > "$OUT/ncu_act_quant_kron.txt" 2>&1
+    timeout 100 $NCU --kernel-name regex:act_quant python3 -m kernels.profile_kernels act_quant --k 4096 --transform none > "$OUT/ncu_act_quant_none.txt" 2>&1
+  fi
   for f in "$OUT"/ncu_*.txt; do echo "== $f"; grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|L2 Hit|Dynamic Shared" "$f" | head -24; done
 fi
 if [[ $STAGES == *kv* ]]; then
@@ -38,3 +42,5 @@ fi
 if [[ $STAGES == *e2e* ]]; then
   timeout 240 python3 -m benchmarks.e2e_generation --layers 8 --new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -12
 fi
+# the device tool returns a limited number of files: everything also goes into one archive, first by name
+tar czf /tmp/0_all.tgz -C "$OUT" . && mv /tmp/0_all.tgz "$OUT/0_all.tgz"

@@ -77,9 +77,9 @@ __device__ __forceinline__ void kblock_mma(const uint4& va, const uint4& vb, uin
 
 // Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment
 // or shared-memory budget does not allow it (the caller then uses the register-streaming kernel).
-// warps: 8 or 16 per block; pdl: launch with programmatic dependent launch (the weight copies are issued
-// before waiting for the previous kernel in the stream; the activations are read after).
-bool launch_stream_decode(int nt_groups, int warps, bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw,
+// bulk: TMA bulk copies (else 16-byte cp.async); pdl: launch with programmatic dependent launch (the weight
+// copies are issued before waiting for the previous kernel in the stream; the activations are read after).
+bool launch_stream_decode(int nt_groups, bool bulk, bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw,
                           const float* scale, const float* zero, const half* bias, half* out, int B, int N, int K,
                           int group_size);
 

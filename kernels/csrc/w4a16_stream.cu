@@ -1,6 +1,6 @@
-// W4A16 decode (1..16 tokens), streaming variant: the weights reach shared memory through Hopper bulk
-// copies (cp.async.bulk, the TMA engine's 1-D form) completing on an mbarrier, instead of through
-// registers.
+// W4A16 decode (1..16 tokens), streaming variant: the weights reach shared memory asynchronously, completing
+// on an mbarrier, instead of through registers: either Hopper bulk copies (cp.async.bulk, the TMA engine's
+// 1-D form; one thread per block issues them) or 16-byte cp.async pieces issued by every thread.
 //
 // Why: the register-streaming kernel (w4a16.cu) keeps only what its warps hold in registers in flight and
 // serialises a DRAM round trip per round; at 1 token it streams at ~2.15 TB/s after a ~3 us fixed cost
@@ -59,6 +59,14 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
                : "memory");
 }
 
+// Ampere-style 16-byte asynchronous copy (LDGSTS), and an mbarrier arrival once this thread's earlier ones land.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void griddep_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
@@ -81,7 +89,9 @@ __host__ __device__ inline StreamGeometry stream_geometry(int K, int group_size)
   return s;
 }
 
-template <int NT, int WARPS, bool X_SHARED>
+// BULK: one thread requests the tile with 18 bulk copies (TMA); else every thread issues 16-byte cp.async
+// pieces of it (LDGSTS) and arrives on the tile's mbarrier when its pieces land (barrier count = threads).
+template <int NT, int WARPS, bool X_SHARED, bool BULK>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_stream_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qw, const float* __restrict__ scale,
     const float* __restrict__ zero, const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K,
@@ -97,9 +107,23 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_stream_kernel(
   const uint32_t row_bytes = (uint32_t)K / 2;
   half* xs = reinterpret_cast<half*>(smem + (size_t)stages * geo.buf_bytes);
 
-  auto issue = [&](int tile, int buf) {  // one thread: the whole 16-row tile into buffer `buf`
+  auto issue = [&](int tile, int buf) {  // BULK: thread 0 only; else all threads
     uint8_t* base = smem + (size_t)buf * geo.buf_bytes;
     const size_t n0 = (size_t)tile * 16;
+    if constexpr (!BULK) {
+      const int per_row = (int)row_bytes / 16;
+      for (int q = threadIdx.x; q < 16 * per_row; q += WARPS * 32) {
+        const int r = q / per_row, c = q - r * per_row;
+        cp_async16(base + r * geo.row_stride + c * 16, qw + (n0 + r) * row_bytes + (size_t)c * 16);
+      }
+      const int per_meta = (int)geo.meta_bytes / 16;
+      for (int q = threadIdx.x; q < 2 * per_meta; q += WARPS * 32) {
+        const float* src = q < per_meta ? scale + n0 * G + (size_t)q * 4 : zero + n0 * G + (size_t)(q - per_meta) * 4;
+        cp_async16(base + geo.codes_bytes + (size_t)q * 16, src);
+      }
+      cp_async_arrive(&bars[buf]);
+      return;
+    }
     mbar_arrive_expect_tx(&bars[buf], 16u * row_bytes + 2u * geo.meta_bytes);
 #pragma unroll 1
     for (int r = 0; r < 16; ++r) bulk_copy(base + r * geo.row_stride, qw + (n0 + r) * row_bytes, row_bytes, &bars[buf]);
@@ -108,11 +132,11 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_stream_kernel(
   };
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < 3; ++s) mbar_init(&bars[s], 1);
+    for (int s = 0; s < 3; ++s) mbar_init(&bars[s], (BULK || s == 2) ? 1u : (uint32_t)(WARPS * 32));
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (!BULK || threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
       const int tile = blockIdx.x + s * gridDim.x;
       if (tile < num_tiles) issue(tile, s);
@@ -167,10 +191,10 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_stream_kernel(
       red[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
     }
     __syncthreads();  // partials written; every warp is done reading buffer `buf`
-    if (threadIdx.x == 0) {
+    if (!BULK || threadIdx.x == 0) {
       const int next = tile + stages * (int)gridDim.x;
       if (next < num_tiles) {
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic reads before async writes
+        if (BULK) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic reads before async writes
         issue(next, buf);
       }
     }
@@ -189,10 +213,10 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_stream_kernel(
   }
 }
 
-template <int NT, int WARPS, bool X_SHARED>
+template <int NT, int WARPS, bool X_SHARED, bool BULK>
 bool launch_config(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw, const float* scale,
                    const float* zero, const half* bias, half* out, int B, int N, int K, int group_size) {
-  auto kernel = w4a16_stream_kernel<NT, WARPS, X_SHARED>;
+  auto kernel = w4a16_stream_kernel<NT, WARPS, X_SHARED, BULK>;
   int dev = 0, max_smem = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -232,21 +256,22 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 }  // namespace
 
-bool launch_stream_decode(int nt_groups, int warps, bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw,
+bool launch_stream_decode(int nt_groups, bool bulk, bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw,
                           const float* scale, const float* zero, const half* bias, half* out, int B, int N, int K,
                           int group_size) {
   if (K % 128 != 0 || group_size % 128 != 0 || N % 16 != 0 || N == 0) return false;
   if (!aligned16(x) || !aligned16(qw) || !aligned16(scale) || !aligned16(zero)) return false;
   const bool x_shared = (size_t)B * K * 2 <= (size_t)kXSharedMaxBytes;
-#define QAAS_STREAM(NT_, W_)                                                                                       \
-  return x_shared ? launch_config<NT_, W_, true>(pdl, stream, x, qw, scale, zero, bias, out, B, N, K, group_size)  \
-                  : launch_config<NT_, W_, false>(pdl, stream, x, qw, scale, zero, bias, out, B, N, K, group_size)
+#define QAAS_STREAM(NT_, BULK_)                                                                                   \
+  return x_shared                                                                                                  \
+             ? launch_config<NT_, 16, true, BULK_>(pdl, stream, x, qw, scale, zero, bias, out, B, N, K, group_size) \
+             : launch_config<NT_, 16, false, BULK_>(pdl, stream, x, qw, scale, zero, bias, out, B, N, K, group_size)
   if (nt_groups == 1) {
-    if (warps == 8) { QAAS_STREAM(1, 8); }
-    QAAS_STREAM(1, 16);
+    if (bulk) { QAAS_STREAM(1, true); }
+    QAAS_STREAM(1, false);
   }
-  if (warps == 8) { QAAS_STREAM(2, 8); }
-  QAAS_STREAM(2, 16);
+  if (bulk) { QAAS_STREAM(2, true); }
+  QAAS_STREAM(2, false);
 #undef QAAS_STREAM
 }
 
