@@ -129,7 +129,8 @@ struct MmaVariant {
 // (Run v5b also tried staging the block's scale/zero tile in shared memory: slower, removed.)
 constexpr MmaVariant kMmaVariants[] = {{4, 4, true}, {8, 4, false}, {8, 2, false}, {16, 2, false}, {16, 1, false}};
 constexpr int kNumMmaVariants = sizeof(kMmaVariants) / sizeof(kMmaVariants[0]);
-constexpr int kDefaultMmaVariant = 4;
+constexpr int kDefaultMmaVariant = 4;    // 1..8 tokens (H100 runs v5, v6a, v6b: best at 1 token)
+constexpr int kDefaultMmaVariant16 = 1;  // 9..16 tokens (runs v6a, v6b: best on all three 7B shapes at 16)
 // Variants kNumMmaVariants.. : the bulk-copy streaming kernel (w4a16_stream.cu); where it does not apply
 // (N % 16, alignment, a tile larger than shared memory) the call falls back to kDefaultMmaVariant.
 struct StreamVariant {
@@ -314,7 +315,8 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
   half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
   if (K % 128 == 0 && group_size % 128 == 0) {
     const int grid = (int)((N + 15) / 16);
-    int v = (variant >= 0 && variant < kNumVariants) ? (int)variant : kDefaultVariant;
+    const int dflt = M <= 8 ? kDefaultVariant : kDefaultMmaVariant16;
+    int v = (variant >= 0 && variant < kNumVariants) ? (int)variant : dflt;
     if (v >= kNumMmaVariants) {
       const StreamVariant sv = kStreamVariants[v - kNumMmaVariants];
       if (w4::launch_stream_decode(M <= 8 ? 1 : 2, sv.bulk, sv.pdl, stream, xp, qw.data_ptr<uint8_t>(),
@@ -323,7 +325,7 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return out;
       }
-      v = kDefaultMmaVariant;
+      v = M <= 8 ? kDefaultMmaVariant : kDefaultMmaVariant16;
     }
     if (M <= 8)
       launch_mma_variant<1>(v, grid, stream, xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
