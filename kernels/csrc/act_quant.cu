@@ -17,7 +17,9 @@
 //   Precision (default): P = P_hi + P_lo and T = T_hi + T_lo in fp16, Y ~= P1hi^T Thi + P1hi^T Tlo +
 //   P1lo^T Thi with T = X P2hi + X P2lo (Hadamard: P exact, only T is split); T is scaled by a power of
 //   two per unit first, so fp16 neither overflows nor loses the low part to subnormals. FAST (environment
-//   QAAS_ACT_QUANT_FAST=1, read once): plain fp16 P and T, 2 products instead of 5 (Hadamard 2 vs 3).
+//   QAAS_ACT_QUANT_FAST=1, read once): plain fp16 P and T, 2 products instead of 5 (Hadamard 2 vs 3), and
+//   v * (1 / scale) instead of the division. (FlatQuant's reference kernel, deploy/kernels/kron_matmul.py, also
+//   multiplies fp16 operands with fp32 accumulation and an fp16 intermediate.)
 //   Y stays in registers; per-token absmax by warp shuffles + shared atomics; codes are written to
 //   shared memory and leave with coalesced 16-byte stores.
 // * act_quant_kernel (every other case: bf16 / fp32 input, other sizes, no transform): one block per row
@@ -283,6 +285,13 @@ __device__ __forceinline__ int quant1(float v, float scale) {
   return (int)q;
 }
 
+// FAST mode: multiply by the token's reciprocal scale instead of the IEEE division (differs from the reference
+// only where v / scale lies within an ulp of a rounding tie), clamp, round-to-nearest-even conversion.
+template <int QMAX>
+__device__ __forceinline__ int quant1_recip(float v, float inv_scale) {
+  return __float2int_rn(fminf(fmaxf(v * inv_scale, (float)-QMAX), (float)QMAX));
+}
+
 // Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each),
 // X for TB tokens x 2 buffers (chunks x N1 rows of n2 halves padded by 8: conflict-free ldmatrix; rows n1..N1-1
 // of each chunk are zero), codes of TB tokens. N1 = n1 rounded up to a multiple of 16.
@@ -524,6 +533,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         const int tb = u / U, v = u - tb * U;
         const int c = v / NB2, jt = v - c * NB2;
         const float scale = fmaxf(__uint_as_float(s_amax[tb]) * clip_ratio / (float)QMAX, kEps);
+        const float inv_scale = 1.f / scale;  // FAST only
         const int e0 = c * n1 * n2 + jt * 16 + 4 * t;
         int rsum = 0;
 #pragma unroll
@@ -533,10 +543,18 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
             const int row = mi * 16 + g + 8 * hr;
             if (N1 != n1 && row >= n1) continue;  // padding row (zero): not part of the output
             const int e = e0 + row * n2;  // physical columns 4t .. 4t+3 of row i
-            const int q0 = quant1<QMAX>(y[r][mi][0][2 * hr] * ysc[r], scale);
-            const int q1 = quant1<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], scale);
-            const int q2 = quant1<QMAX>(y[r][mi][1][2 * hr] * ysc[r], scale);
-            const int q3 = quant1<QMAX>(y[r][mi][1][2 * hr + 1] * ysc[r], scale);
+            int q0, q1, q2, q3;
+            if constexpr (FAST) {
+              q0 = quant1_recip<QMAX>(y[r][mi][0][2 * hr] * ysc[r], inv_scale);
+              q1 = quant1_recip<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], inv_scale);
+              q2 = quant1_recip<QMAX>(y[r][mi][1][2 * hr] * ysc[r], inv_scale);
+              q3 = quant1_recip<QMAX>(y[r][mi][1][2 * hr + 1] * ysc[r], inv_scale);
+            } else {
+              q0 = quant1<QMAX>(y[r][mi][0][2 * hr] * ysc[r], scale);
+              q1 = quant1<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], scale);
+              q2 = quant1<QMAX>(y[r][mi][1][2 * hr] * ysc[r], scale);
+              q3 = quant1<QMAX>(y[r][mi][1][2 * hr + 1] * ysc[r], scale);
+            }
             if constexpr (OUT == kOutU4) {
               const uint32_t w = (uint32_t)(q0 + 8) | ((uint32_t)(q1 + 8) << 4) | ((uint32_t)(q2 + 8) << 8) |
                                  ((uint32_t)(q3 + 8) << 12);

@@ -32,8 +32,9 @@ def rmax_narrow(n1: int) -> int:
     return 64 // n1 if n1 <= 64 else 0
 
 
-def smem_bytes(n1: int, n2: int, lo: bool, TB: int, K: int, CB: int) -> int:
-    return 2 * (n1 * n1 + n2 * n2) * (2 if lo else 1) + 2 * TB * (K // n2) * (n2 + 8) * 2 + TB * CB
+def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int, CB: int) -> int:
+    chunks = K // (n1 * n2)
+    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + 2 * TB * chunks * N1 * (n2 + 8) * 2 + TB * CB
 
 
 def slot_of_col(p):
@@ -111,14 +112,15 @@ def make_plan(
         n1 = hb // n2
         had, norm = 1, F32(1.0 / math.sqrt(hb))
     elif mode == 2:
-        if n1 % 16 or n2 % 16 or not (16 <= n1 <= 128) or not (16 <= n2 <= 128):
+        if n2 % 16 or not (16 <= n1 <= 128) or not (16 <= n2 <= 128):
             return None
         had, norm = 0, F32(1.0)
     else:
         return None
     if K % (n1 * n2):
         return None
-    U = K // (16 * n1)
+    n1_real, n1 = n1, (n1 + 15) // 16 * 16  # the kernel pads n1 to a multiple of 16 (N1)
+    U = (K // (n1_real * n2)) * (n2 // 16)
     lo = (not fast) and not had
     CB = K // 2 if out == OUT_U4 else K
     for narrow in ((0,) if wide_only else (1, 0)):
@@ -129,12 +131,12 @@ def make_plan(
         limit = smem_per_sm // 2 - 2048 if narrow else smem_optin - 1024
         blocks = sms * (2 if narrow else 1)
         TB = max(1, min(min(MAX_TB, slots // U), (M + blocks - 1) // blocks))
-        while TB > 1 and smem_bytes(n1, n2, lo, TB, K, CB) > limit:
+        while TB > 1 and smem_bytes(n1, n1_real, n2, lo, TB, K, CB) > limit:
             TB -= 1
-        if smem_bytes(n1, n2, lo, TB, K, CB) > limit:
+        if smem_bytes(n1, n1_real, n2, lo, TB, K, CB) > limit:
             continue
-        return dict(n1=n1, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB, nrounds=(M + TB - 1) // TB,
-                    smem=smem_bytes(n1, n2, lo, TB, K, CB))
+        return dict(n1=n1, n1_real=n1_real, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB,
+                    nrounds=(M + TB - 1) // TB, smem=smem_bytes(n1, n1_real, n2, lo, TB, K, CB))
     return None
 
 
@@ -161,16 +163,18 @@ def act_quant_tc_sim(
     plan = make_plan(M, K, mode, hb, n1, n2, out, fast, sms, wide_only=wide_only)
     if plan is None:
         return None
-    N1, n2, had, norm, TB, nrounds, RMAX = (plan[k] for k in ("n1", "n2", "had", "norm", "TB", "nrounds", "rmax"))
+    N1, n1r, n2, had, norm, TB, nrounds, RMAX = (
+        plan[k] for k in ("n1", "n1_real", "n2", "had", "norm", "TB", "nrounds", "rmax"))
     if grid is None:
         grid = min(nrounds, sms * (2 if RMAX * N1 <= 64 else 1))
     NB1 = N1 // 16
     QMAX = 7 if out == OUT_U4 else 127
     lo = (not fast) and not had
     NB2 = n2 >> 4
-    U = K // (16 * N1)
+    chunks = K // (n1r * n2)
+    U = chunks * NB2
     xstr = n2 + 8
-    xtok = (K // n2) * xstr
+    xtok = chunks * N1 * xstr
     CB = K // 2 if out == OUT_U4 else K
     clip_ratio = F32(clip)
     p1f = None if p1 is None else np.asarray(p1, F32).reshape(-1)
@@ -188,6 +192,8 @@ def act_quant_tc_sim(
         sp1h = np.full(N1 * N1, np.nan, F16)
         sp1l = np.full(N1 * N1, np.nan, F16)
         sx = np.full(2 * TB * xtok, np.nan, F16)
+        for tc in range(2 * TB * chunks):  # padding rows n1..N1-1 of every chunk are zeroed once
+            sx[tc * N1 * xstr + n1r * xstr : (tc + 1) * N1 * xstr] = 0
         sc = np.full(TB * CB, 0xCD, np.uint8)
         s_amax = np.zeros(MAX_TB, F32)
         s_sum = np.zeros(MAX_TB, np.int64)
@@ -199,7 +205,8 @@ def act_quant_tc_sim(
             for q in range(nt * per_tok):
                 tb, w = divmod(q, per_tok)
                 r, c = divmod(w, W)
-                d = buf * TB * xtok + tb * xtok + r * xstr + c * 8
+                srow = r + (r // n1r) * (N1 - n1r)
+                d = buf * TB * xtok + tb * xtok + srow * xstr + c * 8
                 sx[d : d + 8] = xflat[m0 * K + q * 8 : m0 * K + q * 8 + 8]
 
         if block < nrounds:
@@ -214,7 +221,10 @@ def act_quant_tc_sim(
                 sp2l[idx] = F16(p - F32(h))
         for e in range(N1 * N1):
             a, i = divmod(e, N1)
-            p = F32(-1.0 if bin(a & i).count("1") & 1 else 1.0) if had else p1f[e]
+            if had:
+                p = F32(-1.0 if bin(a & i).count("1") & 1 else 1.0)
+            else:
+                p = p1f[a * n1r + i] if a < n1r and i < n1r else F32(0.0)
             idx = ((i >> 4) * NB1 + (a >> 4)) * 256 + afrag_pos(i & 15, a & 15)
             h = F16(p)
             sp1h[idx] = h
@@ -296,19 +306,27 @@ def act_quant_tc_sim(
                     tb, v = divmod(u, U)
                     c, jt = divmod(v, NB2)
                     scale = max(F32(F32(s_amax[tb] * clip_ratio) / F32(QMAX)), F32(1e-8))
-                    e0 = c * N1 * n2 + jt * 16 + 4 * T
+                    e0 = c * n1r * n2 + jt * 16 + 4 * T
+                    inv_scale = F32(F32(1.0) / scale)
                     yr, s = y[(warp, r)], ysc[(warp, r)]
                     rsum = 0
                     for mi in range(NB1):
                         for hr in range(2):
-                            e = e0 + (mi * 16 + G + 8 * hr) * n2
+                            row = mi * 16 + G + 8 * hr  # per lane
+                            keep = row < n1r  # padding rows are not written
+                            e = e0 + row * n2
                             # physical columns 4t .. 4t+3: slots (nj 0, 2t), (0, 2t+1), (1, 2t), (1, 2t+1)
                             vals = [yr[mi, nj, :, 2 * hr + k] for nj in range(2) for k in range(2)]
-                            qs = [
-                                np.clip(np.rint((vv * s).astype(F32) / scale), -QMAX, QMAX).astype(np.int64)
-                                for vv in vals
-                            ]
+                            if fast:  # reciprocal multiply, clamp, round half to even
+                                qs = [np.rint(np.clip((vv * s).astype(F32) * inv_scale, -QMAX, QMAX)).astype(np.int64)
+                                      for vv in vals]
+                            else:
+                                qs = [
+                                    np.clip(np.rint((vv * s).astype(F32) / scale), -QMAX, QMAX).astype(np.int64)
+                                    for vv in vals
+                                ]
                             base = tb * CB
+                            e, qs = e[keep], [qq[keep] for qq in qs]
                             if out == OUT_U4:
                                 w = (qs[0] + 8) | ((qs[1] + 8) << 4) | ((qs[2] + 8) << 8) | ((qs[3] + 8) << 12)
                                 assert np.all(e % 4 == 0)

@@ -38,6 +38,8 @@ def _inputs(mode: int, k: int, n1: int, m: int, seed: int):
         (2, 2048, 0, 128, 7, OUT_U4, 2, 1, False),  # Kronecker 128 x 16
         (2, 3840, 0, 48, 2, OUT_S8, 132, None, False),  # Kronecker 48 x 80
         (1, 1024, 256, 0, 37, OUT_S8, 3, 3, True),  # 4 units per token, 8 tokens per round
+        (2, 11008, 0, 86, 2, OUT_S8, 132, None, False),  # Kronecker 86 x 128: n1 padded to 96 (zero rows)
+        (2, 2560, 0, 20, 3, OUT_U4, 2, 1, False),  # Kronecker 20 x 128: n1 padded to 32, 1 chunk per row
     ],
 )
 def test_tc_emulation_matches_reference(mode, k, hb, n1, m, out, sms, grid, wide) -> None:
@@ -71,6 +73,32 @@ def test_tc_plan_coverage() -> None:
     plan = make_plan(2048, 11008, 1, 256, 0, 0, OUT_U8, False, 132)
     assert plan is not None and plan["n1"] == 16 and plan["rmax"] == 8 and plan["TB"] == 1  # 43 units: wide
     assert make_plan(1, 16384, 2, 0, 128, 128, OUT_U8, False, 132)["smem"] <= 232448 - 1024
-    assert make_plan(1, 11008, 2, 0, 86, 128, OUT_U8, False, 132) is None  # 86 not a multiple of 16
+    plan = make_plan(2048, 11008, 2, 0, 86, 128, OUT_S8, False, 132)  # 86 padded to 96: one token per round
+    assert plan is not None and (plan["n1"], plan["n1_real"], plan["rmax"], plan["TB"]) == (96, 86, 1, 1)
     assert make_plan(1, 4096, 1, 128, 0, 0, OUT_U8, False, 132) is None  # block < 256: butterflies
     assert make_plan(1, 32768, 1, 256, 0, 0, OUT_U8, False, 132) is None  # 128 chunks > 64 register slots
+
+
+@pytest.mark.parametrize("mode,k,hb,n1,m,out", [(2, 4096, 0, 64, 3, OUT_S8), (2, 11008, 0, 86, 2, OUT_U4),
+                                                (1, 4096, 4096, 0, 2, OUT_U8)])
+def test_tc_emulation_fast_mode(mode, k, hb, n1, m, out) -> None:
+    """FAST (QAAS_ACT_QUANT_FAST=1): fp16 P and T, two products, reciprocal-scale quantization. Codes stay within
+    one step of the float64 reference with ~1% of them moved (fp16 operands: FlatQuant's kernel precision)."""
+    x, p1, p2 = _inputs(mode, k, n1, m, seed=7 * k + m)
+    clip = torch.tensor(0.9)
+    res = act_quant_tc_sim(x.numpy(), 0.9, mode, hb, None if p1 is None else p1.numpy(),
+                           None if p2 is None else p2.numpy(), out, fast=True)
+    assert res is not None
+    codes, scale, _ = res
+    if out == OUT_S8:
+        q_ref, s_ref, _ = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
+        u, u_ref = torch.from_numpy(codes.astype(np.int32)), q_ref.int()
+    else:
+        bits = 4 if out == OUT_U4 else 8
+        c_ref, s_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
+        cc = torch.from_numpy(codes)
+        u, u_ref = (unpack_int4(cc), unpack_int4(c_ref)) if bits == 4 else (cc, c_ref)
+    diff = (u - u_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.03
+    s = torch.from_numpy(scale.astype(np.float64))
+    assert float((s - s_ref.double()).norm() / s_ref.double().norm()) < 2e-3

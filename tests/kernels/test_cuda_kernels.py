@@ -42,11 +42,13 @@ ACT_TC_CASES = [
     (1, 11008, 256, 0),  # Hadamard 256 = H_16 (x) H_16, 43 chunks per row (43 units over 8 warps)
     (2, 4096, 0, 64),  # Kronecker 64 x 64
     (2, 4096, 0, 128),  # Kronecker 128 x 32 (rectangular, n1 > n2)
+    (2, 11008, 0, 86),  # Kronecker 86 x 128: n1 padded to 96 (zero rows), 8 units per token
+    (2, 2560, 0, 20),  # Kronecker 20 x 128: n1 padded to 32
 ]
 ACT_SCALAR_CASES = [
     (0, 4096, 0, 0),  # no transform
     (1, 4096, 128, 0),  # Hadamard block < 256: butterflies
-    (2, 11008, 0, 86),  # Kronecker 86 x 128: n1 not a multiple of 16
+    (2, 1024, 0, 8),  # Kronecker 8 x 128: n1 < 16, scalar kernel
 ]
 # M: 1 token; 37 (one token per block); 300 (several tokens per round); 1501 (several rounds per block on
 # 132 SMs, double-buffered loads, and a ragged last round of one token where rounds hold 2 or 4 tokens)
