@@ -14,6 +14,15 @@ function receives the (RoPE-applied, cache-concatenated) query / key / value sta
 
 Per-token quantization is position-independent, so quantizing the whole concatenated cache at each
 step simulates storing quantized entries exactly. Attention modules without a quantizer pass through.
+
+This fake-quant path is what calibration and evaluation (perplexity, KL) use: the HF cache
+(``DynamicCache``) still stores fp16/fp32 K/V. Generation and serving use the REAL quantized cache,
+:class:`quant.modules.quantized_kv_cache.QuantizedKVCache` (codes + per-token-per-head scale/zero,
+appended with ``kernels.ops.kv_quantize``): its ``update`` returns a ``QuantizedKVView`` instead of
+tensors, and this same registered function hands it to
+:func:`quant.modules.quantized_kv_cache.quantized_cache_attention`, which runs
+``kernels.ops.kv_decode_attention`` on the codes for single-token decode and dequantizes the cache
+for prefill (see that module). Both paths compute the same function up to float rounding.
 """
 
 from __future__ import annotations
@@ -151,6 +160,12 @@ def _eager_attention(
     return out, weights
 
 
+def _is_quantized_view(key: object) -> bool:
+    from quant.modules.quantized_kv_cache import QuantizedKVView
+
+    return isinstance(key, QuantizedKVView)
+
+
 def kv_quant_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -163,6 +178,10 @@ def kv_quant_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     quantizer = getattr(module, CHILD_NAME, None)
+    if _is_quantized_view(key):  # the real quantized cache: K/V are codes, K already rotated
+        from quant.modules.quantized_kv_cache import quantized_cache_attention
+
+        return quantized_cache_attention(module, quantizer, query, key, attention_mask, **kwargs)
     base = "sdpa"
     if isinstance(quantizer, KVQuantizer):
         query, key, value = quantizer(query, key, value)

@@ -15,15 +15,27 @@ mask, L2-normalised).
 
 Every forward pass goes through the model as loaded from the artifact, i.e. through QuantLinear
 (CUDA kernels on a GPU, the reference path on CPU). ``forward_passes`` counts them.
+
+KV cache: a model quantized with a KV-cache spec (it carries ``KVQuantizer`` children) gets a REAL
+quantized cache, :class:`quant.modules.quantized_kv_cache.QuantizedKVCache` (int8/int4 codes +
+per-token scale/zero; decode attention by ``kernels.ops.kv_decode_attention`` when no key position of
+the batch is padding, else on the dequantized cache); other models get transformers' ``DynamicCache``.
+``merge`` / ``select`` work on either.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from quant.modules.quantized_kv_cache import QuantizedKVCache, has_quantized_kv
+
+CacheFactory = Callable[[], Cache]
 
 
 @dataclass
@@ -34,7 +46,7 @@ class KVBatch:
     only when rows join (merge) or leave (select).
     """
 
-    cache: DynamicCache
+    cache: Cache  # DynamicCache, or QuantizedKVCache for a KV-quantized model
     mask: torch.Tensor
     last_tokens: torch.Tensor
 
@@ -78,16 +90,27 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def kv_cache_factory(model: nn.Module) -> CacheFactory:
+    """The cache a generation pass over ``model`` starts from: the quantized cache when the model was
+    quantized with a KV-cache spec, else ``DynamicCache``."""
+    if has_quantized_kv(model):
+        return lambda: QuantizedKVCache.from_model(model)
+    return DynamicCache
+
+
 class DecoderRunner:
-    def __init__(self, model: nn.Module, pad_token_id: int, max_positions: int) -> None:
+    def __init__(
+        self, model: nn.Module, pad_token_id: int, max_positions: int, cache_factory: CacheFactory | None = None
+    ) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.max_positions = max_positions
+        self.cache_factory = cache_factory if cache_factory is not None else kv_cache_factory(model)
         self.device = next(model.parameters()).device
         self.forward_passes = 0
         self.batch_sizes: list[int] = []
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache):
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache):
         self.forward_passes += 1
         self.batch_sizes.append(int(input_ids.shape[0]))
         out = self.model(
@@ -112,7 +135,7 @@ class DecoderRunner:
             mask[i, length - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, DynamicCache())
+        logits, cache = self._forward(ids, mask, positions, self.cache_factory())
         return KVBatch(cache=cache, mask=mask, last_tokens=ids[:, -1].clone()), logits
 
     @torch.inference_mode()
@@ -131,10 +154,13 @@ class DecoderRunner:
         if a is None or a.size == 0:
             return b
         length = max(a.length, b.length)
+        mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
+        last = torch.cat([a.last_tokens, b.last_tokens])
+        if isinstance(a.cache, QuantizedKVCache) and isinstance(b.cache, QuantizedKVCache):
+            return KVBatch(QuantizedKVCache.merge(a.cache, b.cache, length), mask, last)
         keys = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.keys, b.keys)]
         values = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.values, b.values)]
-        mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
-        return KVBatch(_build_cache(keys, values), mask, torch.cat([a.last_tokens, b.last_tokens]))
+        return KVBatch(_build_cache(keys, values), mask, last)
 
     @staticmethod
     def select(batch: KVBatch, rows: list[int]) -> KVBatch | None:
@@ -145,6 +171,8 @@ class DecoderRunner:
         mask = batch.mask.index_select(0, idx)
         used = mask.any(dim=0).nonzero()
         start = int(used[0].item()) if used.numel() else 0
+        if isinstance(batch.cache, QuantizedKVCache):
+            return KVBatch(batch.cache.select_rows(idx, start), mask[:, start:], batch.last_tokens.index_select(0, idx))
         keys = [k.index_select(0, idx)[:, :, start:] for k in batch.keys]
         values = [v.index_select(0, idx)[:, :, start:] for v in batch.values]
         return KVBatch(_build_cache(keys, values), mask[:, start:], batch.last_tokens.index_select(0, idx))

@@ -17,6 +17,7 @@ from quant.artifacts import (
 )
 from quant.methods.base import get_method
 from quant.modules.linear import QuantLinear
+from quant.modules.quantized_kv_cache import has_quantized_kv
 from quant.recipes.presets import get_preset
 from tests.conftest import VOCAB, make_calibration, make_tiny_bert, make_tiny_llama, make_tiny_opt
 
@@ -59,6 +60,8 @@ def test_save_load_round_trip(case: str, tmp_path: Path) -> None:
         [m for m in q.modules() if isinstance(m, QuantLinear)]
     )
     assert loaded.config._attn_implementation == q.config._attn_implementation
+    # generation serves a loaded KV-quantized artifact from the real quantized cache
+    assert has_quantized_kv(loaded) == recipe.kv_cache.enabled
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(_output(loaded, ids), _output(q, ids), rtol=0, atol=0)

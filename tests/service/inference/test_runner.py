@@ -55,3 +55,46 @@ def test_encoder_runner_mean_pools_and_normalises(qbert) -> None:
         solo = qbert(input_ids=torch.tensor([inputs[1]])).last_hidden_state[0].mean(0)
     assert torch.allclose(vectors[1], torch.nn.functional.normalize(solo, dim=0), atol=1e-4)
     assert runner.forward_passes == 1
+
+
+def test_kv_quantized_model_decodes_from_a_quantized_cache(qllama_kv4, monkeypatch) -> None:
+    """A model quantized with a KV-cache spec gets the real int4 cache (codes, not fp16); decode steps with
+    no padded key go through kv_decode_attention, padded ones through the dequantized cache, and both
+    match the fake-quant path (the same runner on transformers' fp DynamicCache)."""
+    from transformers import DynamicCache
+
+    from quant.modules.quantized_kv_cache import QuantizedKVCache, QuantizedKVLayer
+
+    calls: list[int] = []
+    original = QuantizedKVLayer.decode_attention
+    monkeypatch.setattr(QuantizedKVLayer, "decode_attention",
+                        lambda self, q, s: calls.append(1) or original(self, q, s))
+    real = DecoderRunner(qllama_kv4, pad_token_id=0, max_positions=256)
+    fake = DecoderRunner(qllama_kv4, pad_token_id=0, max_positions=256, cache_factory=DynamicCache)
+    n_layers = qllama_kv4.config.num_hidden_layers
+
+    rb, rl = real.prefill([PROMPTS[0]])
+    fb, fl = fake.prefill([PROMPTS[0]])
+    assert isinstance(rb.cache, QuantizedKVCache) and not isinstance(fb.cache, QuantizedKVCache)
+    layer = rb.cache.quantized_layers()[0]
+    assert layer.fmt.bits == 4 and layer.valid()["k_codes"].dtype == torch.uint8
+    assert layer.valid()["k_codes"].shape[-1] == layer.head_dim // 2
+    torch.testing.assert_close(rl, fl, rtol=1e-5, atol=1e-5)
+    tok = int(fl.argmax())
+    for _ in range(2):  # one row, no padding: the decode kernel
+        rl, fl = real.decode(rb, [tok]), fake.decode(fb, [tok])
+        torch.testing.assert_close(rl, fl, rtol=1e-4, atol=1e-4)
+        tok = int(fl.argmax())
+    assert len(calls) == 2 * n_layers
+    # a shorter request joins: left padding -> dequantized path; then the long row leaves
+    rj, _ = real.prefill([PROMPTS[1]])
+    fj, _ = fake.prefill([PROMPTS[1]])
+    rb, fb = real.merge(rb, rj), fake.merge(fb, fj)
+    rl, fl = real.decode(rb, [tok, 3]), fake.decode(fb, [tok, 3])
+    torch.testing.assert_close(rl, fl, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 * n_layers
+    rb, fb = real.select(rb, [1]), fake.select(fb, [1])
+    assert rb.cache.get_seq_length() == fb.cache.get_seq_length() == rb.length
+    rl, fl = real.decode(rb, [4]), fake.decode(fb, [4])  # no padding left: the kernel again
+    torch.testing.assert_close(rl, fl, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 3 * n_layers
