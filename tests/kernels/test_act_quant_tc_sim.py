@@ -82,7 +82,8 @@ def test_tc_plan_coverage() -> None:
 @pytest.mark.parametrize("mode,k,hb,n1,m,out", [(2, 4096, 0, 64, 3, OUT_S8), (2, 11008, 0, 86, 2, OUT_U4),
                                                 (1, 4096, 4096, 0, 2, OUT_U8)])
 def test_tc_emulation_fast_mode(mode, k, hb, n1, m, out) -> None:
-    """FAST (QAAS_ACT_QUANT_FAST=1): fp16 P and T, two products, reciprocal-scale quantization. Codes stay within
+    """FAST (the default; QAAS_ACT_QUANT_FAST=0 selects the compensated mode): fp16 P and T, two products,
+    reciprocal-scale quantization. Codes stay within
     one step of the float64 reference with ~1% of them moved (fp16 operands: FlatQuant's kernel precision)."""
     x, p1, p2 = _inputs(mode, k, n1, m, seed=7 * k + m)
     clip = torch.tensor(0.9)
