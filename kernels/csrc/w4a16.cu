@@ -189,13 +189,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
       if (kb >= KB) break;
       float part[NT][4];
       w4::kblock_mma<NT>(va[buf][u], vb[buf][u], za[buf][u], zb[buf][u], x, B, K, kb, g, t, part);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        acc[nt][0] = fmaf(sa[buf][u], part[nt][0], acc[nt][0]);
-        acc[nt][1] = fmaf(sa[buf][u], part[nt][1], acc[nt][1]);
-        acc[nt][2] = fmaf(sb[buf][u], part[nt][2], acc[nt][2]);
-        acc[nt][3] = fmaf(sb[buf][u], part[nt][3], acc[nt][3]);
-      }
+      w4::accumulate_scaled<NT>(acc, part, sa[buf][u], sb[buf][u]);
     }
   };
   constexpr int kStride = WARPS * UNROLL;
@@ -215,14 +209,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
       compute_round(kb0, 0);
     }
   }
-  // C fragment: c0 (row g, col 2t), c1 (row g, col 2t+1), c2 (row g+8, col 2t), c3 (row g+8, col 2t+1).
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    red[warp][g][nt * 8 + 2 * t] = acc[nt][0];
-    red[warp][g][nt * 8 + 2 * t + 1] = acc[nt][1];
-    red[warp][g + 8][nt * 8 + 2 * t] = acc[nt][2];
-    red[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
-  }
+  w4::store_partials<NT>(red[warp], acc, g, t);
   __syncthreads();
   for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) {
     const int r = i >> 4, b = i & 15;

@@ -75,6 +75,31 @@ __device__ __forceinline__ void kblock_mma(const uint4& va, const uint4& vb, uin
   }
 }
 
+// acc += group scale x part (rows g: sa, g + 8: sb), in fp32.
+template <int NT>
+__device__ __forceinline__ void accumulate_scaled(float (&acc)[NT][4], const float (&part)[NT][4], float sa, float sb) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    acc[nt][0] = fmaf(sa, part[nt][0], acc[nt][0]);
+    acc[nt][1] = fmaf(sa, part[nt][1], acc[nt][1]);
+    acc[nt][2] = fmaf(sb, part[nt][2], acc[nt][2]);
+    acc[nt][3] = fmaf(sb, part[nt][3], acc[nt][3]);
+  }
+}
+
+// A warp's C fragments into its [16 rows][C tokens] slice of the cross-warp reduction buffer:
+// c0 (row g, token 2t), c1 (row g, token 2t+1), c2 (row g+8, token 2t), c3 (row g+8, token 2t+1).
+template <int NT, int C>
+__device__ __forceinline__ void store_partials(float (&redw)[16][C], const float (&acc)[NT][4], int g, int t) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    redw[g][nt * 8 + 2 * t] = acc[nt][0];
+    redw[g][nt * 8 + 2 * t + 1] = acc[nt][1];
+    redw[g + 8][nt * 8 + 2 * t] = acc[nt][2];
+    redw[g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
+  }
+}
+
 // Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment
 // or shared-memory budget does not allow it (the caller then uses the register-streaming kernel).
 // bulk: TMA bulk copies (else 16-byte cp.async); pdl: launch with programmatic dependent launch (the weight

@@ -175,21 +175,9 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_stream_kernel(
       float part[NT][4];
       kblock_mma<NT, X_SHARED>(va, vb, zero_pair(zr[g * G + grp]), zero_pair(zr[(g + 8) * G + grp]), xsrc, B, K, kb,
                                g, t, part);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        acc[nt][0] = fmaf(sa, part[nt][0], acc[nt][0]);
-        acc[nt][1] = fmaf(sa, part[nt][1], acc[nt][1]);
-        acc[nt][2] = fmaf(sb, part[nt][2], acc[nt][2]);
-        acc[nt][3] = fmaf(sb, part[nt][3], acc[nt][3]);
-      }
+      accumulate_scaled<NT>(acc, part, sa, sb);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      red[warp][g][nt * 8 + 2 * t] = acc[nt][0];
-      red[warp][g][nt * 8 + 2 * t + 1] = acc[nt][1];
-      red[warp][g + 8][nt * 8 + 2 * t] = acc[nt][2];
-      red[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
-    }
+    store_partials<NT>(red[warp], acc, g, t);
     __syncthreads();  // partials written; every warp is done reading buffer `buf`
     if (!BULK || threadIdx.x == 0) {
       const int next = tile + stages * (int)gridDim.x;

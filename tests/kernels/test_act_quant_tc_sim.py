@@ -27,6 +27,18 @@ def _inputs(mode: int, k: int, n1: int, m: int, seed: int):
     return x, p1, p2
 
 
+def _codes_vs_reference(codes: np.ndarray, x, clip, mode, hb, p1, p2, out):
+    """(emulated codes, reference codes, reference scales) as integer tensors of one element per value."""
+    if out == OUT_S8:
+        q_ref, s_ref, _ = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
+        return torch.from_numpy(codes.astype(np.int32)), q_ref.int(), s_ref
+    bits = 4 if out == OUT_U4 else 8
+    c_ref, s_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
+    cc = torch.from_numpy(codes)
+    u, u_ref = (unpack_int4(cc), unpack_int4(c_ref)) if bits == 4 else (cc, c_ref)
+    return u.int(), u_ref.int(), s_ref
+
+
 @pytest.mark.parametrize(
     "mode,k,hb,n1,m,out,sms,grid,wide",
     [
@@ -52,14 +64,8 @@ def test_tc_emulation_matches_reference(mode, k, hb, n1, m, out, sms, grid, wide
     assert res is not None
     codes, scale, corr = res
     if out == OUT_S8:
-        q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
-        u, u_ref = torch.from_numpy(codes.astype(np.int32)), q_ref.int()
         assert np.array_equal(corr.astype(np.int64), 128 * codes.astype(np.int64).sum(1))
-    else:
-        bits = 4 if out == OUT_U4 else 8
-        c_ref, s_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
-        cc = torch.from_numpy(codes)
-        u, u_ref = (unpack_int4(cc), unpack_int4(c_ref)) if bits == 4 else (cc, c_ref)
+    u, u_ref, s_ref = _codes_vs_reference(codes, x, clip, mode, hb, p1, p2, out)
     diff = (u - u_ref.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
     s = torch.from_numpy(scale.astype(np.float64))
@@ -91,14 +97,7 @@ def test_tc_emulation_fast_mode(mode, k, hb, n1, m, out) -> None:
                            None if p2 is None else p2.numpy(), out, fast=True)
     assert res is not None
     codes, scale, _ = res
-    if out == OUT_S8:
-        q_ref, s_ref, _ = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
-        u, u_ref = torch.from_numpy(codes.astype(np.int32)), q_ref.int()
-    else:
-        bits = 4 if out == OUT_U4 else 8
-        c_ref, s_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
-        cc = torch.from_numpy(codes)
-        u, u_ref = (unpack_int4(cc), unpack_int4(c_ref)) if bits == 4 else (cc, c_ref)
+    u, u_ref, s_ref = _codes_vs_reference(codes, x, clip, mode, hb, p1, p2, out)
     diff = (u - u_ref.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.03
     s = torch.from_numpy(scale.astype(np.float64))
