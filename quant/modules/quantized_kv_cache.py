@@ -359,12 +359,12 @@ class QuantizedKVCache(Cache):
             if isinstance(la, QuantizedKVLayer):
                 new = _empty_like(la)
                 ta, tb = la.valid(), lb.valid()
-                new._set_storage({n: torch.cat([_left_pad(ta[n], length), _left_pad(tb[n], length)]) for n in BUFFERS},
+                new._set_storage({n: torch.cat([left_pad(ta[n], length), left_pad(tb[n], length)]) for n in BUFFERS},
                                  length)
                 layers.append(new)
             else:
-                layers.append(_dynamic_from(torch.cat([_left_pad(la.keys, length), _left_pad(lb.keys, length)]),
-                                            torch.cat([_left_pad(la.values, length), _left_pad(lb.values, length)])))
+                layers.append(_dynamic_from(torch.cat([left_pad(la.keys, length), left_pad(lb.keys, length)]),
+                                            torch.cat([left_pad(la.values, length), left_pad(lb.values, length)])))
         return QuantizedKVCache(layers)
 
 
@@ -383,10 +383,11 @@ def _dynamic_from(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     return layer
 
 
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    extra = length - t.shape[SEQ_DIM]
+def left_pad(t: torch.Tensor, length: int, dim: int = SEQ_DIM) -> torch.Tensor:
+    """``t`` with zeros prepended along ``dim`` up to ``length`` (unchanged when already that long)."""
+    extra = length - t.shape[dim]
     if extra <= 0:
         return t
     shape = list(t.shape)
-    shape[SEQ_DIM] = extra
-    return torch.cat([t.new_zeros(shape), t], dim=SEQ_DIM)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

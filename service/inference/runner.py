@@ -33,7 +33,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from quant.modules.quantized_kv_cache import QuantizedKVCache, has_quantized_kv
+from quant.modules.quantized_kv_cache import QuantizedKVCache, has_quantized_kv, left_pad
 
 CacheFactory = Callable[[], Cache]
 
@@ -79,15 +79,6 @@ def _build_cache(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynami
     for i, (k, v) in enumerate(zip(keys, values)):
         cache.update(k, v, i)
     return cache
-
-
-def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    extra = length - t.shape[dim]
-    if extra <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def kv_cache_factory(model: nn.Module) -> CacheFactory:
@@ -154,12 +145,12 @@ class DecoderRunner:
         if a is None or a.size == 0:
             return b
         length = max(a.length, b.length)
-        mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
+        mask = torch.cat([left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)])
         last = torch.cat([a.last_tokens, b.last_tokens])
         if isinstance(a.cache, QuantizedKVCache) and isinstance(b.cache, QuantizedKVCache):
             return KVBatch(QuantizedKVCache.merge(a.cache, b.cache, length), mask, last)
-        keys = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.keys, b.keys)]
-        values = [torch.cat([_left_pad(x, length, 2), _left_pad(y, length, 2)]) for x, y in zip(a.values, b.values)]
+        keys = [torch.cat([left_pad(x, length, 2), left_pad(y, length, 2)]) for x, y in zip(a.keys, b.keys)]
+        values = [torch.cat([left_pad(x, length, 2), left_pad(y, length, 2)]) for x, y in zip(a.values, b.values)]
         return KVBatch(_build_cache(keys, values), mask, last)
 
     @staticmethod

@@ -102,7 +102,9 @@ def test_act_quant(bits: int, mode: int, k: int, hb: int, n1: int, m: int) -> No
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < max_flips
     deq = (u.double() - 2 ** (bits - 1)) * scale.double()[:, None]
     deq_ref = (u_ref.double() - 2 ** (bits - 1)) * scale_ref.double()[:, None]
-    assert rel_err(deq, deq_ref) < 1e-2
+    # an int4 flip moves a value by 1/7 of the token's range: with the fp16-operand default's ~1% flips the
+    # dequantized tensors differ by ~1.0-1.5% (H100 run v6d), a tenth of int4's own rounding error (~10%)
+    assert rel_err(deq, deq_ref) < (3e-2 if tc and bits == 4 else 1e-2)
 
 
 def _check_s8(q, s, c, q_ref, s_ref, c_ref, exact: bool, max_flips: float, scale_tol: float) -> None:
