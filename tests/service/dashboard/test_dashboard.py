@@ -92,54 +92,80 @@ def test_page_and_static_files_are_served_locally(seeded: SeededApp) -> None:
         assert httpx.get(server.url + "/dashboard/static/secret.txt").status_code == 404
 
 
+# Rows and charts as plain data, read in one script call.
+_SNAPSHOT_JS = """
+const text = (root, sel) => { const e = root.querySelector(sel); return e ? e.innerText.trim() : null; };
+const rows = {};
+for (const r of document.querySelectorAll('#jobs-body tr.job-row')) {
+  const bar = r.querySelector('.bar'), fill = r.querySelector('.fill');
+  rows[r.getAttribute('data-job-id')] = {
+    state: r.getAttribute('data-state'), stateText: text(r, '.state'), pct: text(r, '.pct'),
+    message: text(r, '.message'), recipe: text(r, '.recipe'), bits: text(r, '.bits'),
+    valuenow: bar ? bar.getAttribute('aria-valuenow') : null,
+    barWidth: bar ? bar.getBoundingClientRect().width : null,
+    fillWidth: fill ? fill.getBoundingClientRect().width : null,
+  };
+}
+const charts = [...document.querySelectorAll('#charts .chart')].map(c => {
+  const ref = c.querySelector('line.reference');
+  return {
+    metric: c.getAttribute('data-metric'), reference: ref ? ref.getAttribute('data-value') : null,
+    bars: [...c.querySelectorAll('rect.bar')].map(b => ({job: b.getAttribute('data-job-id'),
+      value: b.getAttribute('data-value'), width: b.getAttribute('width'), fill: b.getAttribute('fill')})),
+  };
+});
+return {rows, charts, compare: document.getElementById('compare-model').value,
+        tableRows: document.querySelectorAll('#metrics-body tr').length};
+"""
+
+
 def test_dashboard_renders_jobs_live_and_compares_metrics(seeded: SeededApp, browser) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 15)
+    # conditions may read an element that a poll re-renders: a stale reference just means "look again"
+    wait = WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,))
     with LiveServer(seeded.app) as server:
         browser.get(f"{server.url}/dashboard#key={seeded.keys['alice']}")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs-body tr.job-row")) == 7)
         wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "ok")
         assert "#key=" not in browser.current_url  # the key is dropped from the address bar
 
-        rows = {r.get_attribute("data-job-id"): r for r in browser.find_elements(By.CSS_SELECTOR, "#jobs-body tr.job-row")}
+        # The page re-renders rows and charts on every poll: read everything in one script call (one turn of
+        # the page's event loop) instead of holding element references that a re-render makes stale.
+        snap = browser.execute_script(_SNAPSHOT_JS)
+        rows = snap["rows"]
         assert seeded.jobs["bobs"] not in rows  # another key's job never shows
-        states = {label: rows[seeded.jobs[label]].get_attribute("data-state") for label in
-                  ("rtn", "gptq", "running", "queued", "failed")}
+        states = {label: rows[seeded.jobs[label]]["state"] for label in ("rtn", "gptq", "running", "queued", "failed")}
         assert states == {"rtn": "succeeded", "gptq": "succeeded", "running": "running", "queued": "queued",
                           "failed": "failed"}
         running = rows[seeded.jobs["running"]]
-        assert running.find_element(By.CSS_SELECTOR, ".state").text == "running"
-        bar = running.find_element(By.CSS_SELECTOR, ".bar")
-        assert bar.get_attribute("aria-valuenow") == "40"
-        assert running.find_element(By.CSS_SELECTOR, ".pct").text == "40%"
-        fill_w = running.find_element(By.CSS_SELECTOR, ".fill").size["width"]
-        assert 0.3 < fill_w / bar.size["width"] < 0.5
-        assert running.find_element(By.CSS_SELECTOR, ".message").text == "block 3/8"
-        assert rows[seeded.jobs["gptq"]].find_element(By.CSS_SELECTOR, ".recipe").text == "my-gptq (gptq)"
-        assert rows[seeded.jobs["quarot"]].find_element(By.CSS_SELECTOR, ".bits").text == "W4A4"
+        assert running["stateText"] == "running"
+        assert running["valuenow"] == "40"
+        assert running["pct"] == "40%"
+        assert 0.3 < running["fillWidth"] / running["barWidth"] < 0.5
+        assert running["message"] == "block 3/8"
+        assert rows[seeded.jobs["gptq"]]["recipe"] == "my-gptq (gptq)"
+        assert rows[seeded.jobs["quarot"]]["bits"] == "W4A4"
 
         # comparison: the model with the most succeeded jobs, one SVG chart per preferred metric
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#charts .chart svg rect.bar"))
-        assert browser.find_element(By.ID, "compare-model").get_attribute("value") == MODEL
-        charts = {c.get_attribute("data-metric"): c for c in browser.find_elements(By.CSS_SELECTOR, "#charts .chart")}
+        snap = browser.execute_script(_SNAPSHOT_JS)
+        assert snap["compare"] == MODEL
+        charts = {c["metric"]: c for c in snap["charts"]}
         # fp_ppl is drawn as the reference line of quant_ppl's chart, not as a chart of its own
         assert list(charts) == ["ppl_increase_pct", "quant_ppl", "kl_mean", "top1_agreement"]
-        reference = charts["quant_ppl"].find_element(By.CSS_SELECTOR, "line.reference")
-        assert float(reference.get_attribute("data-value")) == 20.1
-        bars = charts["quant_ppl"].find_elements(By.CSS_SELECTOR, "rect.bar")
-        values = {b.get_attribute("data-job-id"): float(b.get_attribute("data-value")) for b in bars}
+        assert float(charts["quant_ppl"]["reference"]) == 20.1
+        bars = charts["quant_ppl"]["bars"]
+        values = {b["job"]: float(b["value"]) for b in bars}
         assert values == {seeded.jobs["rtn"]: 31.5, seeded.jobs["gptq"]: 24.2, seeded.jobs["quarot"]: 27.9}
-        widths = {b.get_attribute("data-job-id"): float(b.get_attribute("width")) for b in bars}
+        widths = {b["job"]: float(b["width"]) for b in bars}
         assert widths[seeded.jobs["rtn"]] > widths[seeded.jobs["quarot"]] > widths[seeded.jobs["gptq"]]
-        best = [b for b in bars if b.get_attribute("fill") == "#1f9d55"]
-        assert [b.get_attribute("data-job-id") for b in best] == [seeded.jobs["gptq"]]  # lowest perplexity
-        top1 = charts["top1_agreement"].find_elements(By.CSS_SELECTOR, "rect.bar")
-        best = [b.get_attribute("data-job-id") for b in top1 if b.get_attribute("fill") == "#1f9d55"]
+        assert [b["job"] for b in bars if b["fill"] == "#1f9d55"] == [seeded.jobs["gptq"]]  # lowest perplexity
+        best = [b["job"] for b in charts["top1_agreement"]["bars"] if b["fill"] == "#1f9d55"]
         assert best == [seeded.jobs["gptq"]]  # highest agreement is best
-        table_rows = browser.find_elements(By.CSS_SELECTOR, "#metrics-body tr")
-        assert len(table_rows) == 3
+        assert snap["tableRows"] == 3
 
         # live: the running job progresses; the page follows without a reload
         _set_progress(seeded, "running", JobState.running, 75, "block 6/8")
