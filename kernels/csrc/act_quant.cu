@@ -20,8 +20,8 @@
 //   deploy/kernels/kron_matmul.py, also multiplies fp16 operands with fp32 accumulation and an fp16
 //   intermediate.) Compensated (environment QAAS_ACT_QUANT_FAST=0, read once): P = P_hi + P_lo and
 //   T = T_hi + T_lo in fp16, Y ~= P1hi^T Thi + P1hi^T Tlo + P1lo^T Thi with T = X P2hi + X P2lo (Hadamard: P
-//   exact, only T is split), 5 products (Hadamard 3) and the true division: float32-accurate. H100 run v6c,
-//   one LLaMA-7B layer at 2048 tokens: transform overhead 5.7% (Kronecker) FAST vs 17.4% compensated.
+//   exact, only T is split), 5 products (Hadamard 3) and the true division: float32-accurate. H100, 2048x4096,
+//   Kronecker 64x64: 27 us FAST vs 38.5 us compensated (no transform: 18.5 us).
 //   Y stays in registers; per-token absmax by warp shuffles + shared atomics; codes are written to
 //   shared memory and leave with coalesced 16-byte stores.
 // * act_quant_kernel (every other case: bf16 / fp32 input, other sizes, no transform): one block per row
