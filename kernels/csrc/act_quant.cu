@@ -232,7 +232,9 @@ constexpr int kMaxTB = 16;  // tokens per round, at most
 // wide: RMAX * N1 / 2 <= 64 fp32 registers of Y, one block (8 warps) per SM (~160 registers);
 // narrow (N1 <= 64): RMAX * N1 / 2 <= 32, <= 128 registers, two blocks per SM, so one block's
 // quantization / barriers overlap the other's tensor-core work. The host takes narrow where it fits.
-__host__ __device__ constexpr int rmax_wide(int n1) { return n1 <= 64 ? 128 / n1 : 1; }
+// n1 80 / 96 (incl. 86 padded to 96): two units per warp, so a token of 8 units leaves room for a second token
+// per round (K = 11008 Kronecker 86x128: TB 2 instead of 1).
+__host__ __device__ constexpr int rmax_wide(int n1) { return n1 <= 64 ? 128 / n1 : (n1 <= 96 ? 2 : 1); }
 __host__ __device__ constexpr int rmax_narrow(int n1) { return n1 <= 64 ? 64 / n1 : 0; }
 __host__ __device__ constexpr int min_blocks(int n1, int rmax) { return rmax * n1 <= 64 ? 2 : 1; }
 

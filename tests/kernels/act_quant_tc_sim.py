@@ -25,7 +25,7 @@ OUT_U8, OUT_U4, OUT_S8 = 0, 1, 2
 
 
 def rmax_wide(n1: int) -> int:
-    return 128 // n1 if n1 <= 64 else 1
+    return 128 // n1 if n1 <= 64 else (2 if n1 <= 96 else 1)
 
 
 def rmax_narrow(n1: int) -> int:
