@@ -132,16 +132,15 @@ constexpr int kNumMmaVariants = sizeof(kMmaVariants) / sizeof(kMmaVariants[0]);
 constexpr int kDefaultMmaVariant = 4;    // 1..8 tokens (H100 runs v5, v6a, v6b: best at 1 token)
 constexpr int kDefaultMmaVariant16 = 1;  // 9..16 tokens (runs v6a, v6b: best on all three 7B shapes at 16)
 // Variants kNumMmaVariants.. : the bulk-copy streaming kernel (w4a16_stream.cu); where it does not apply
-// (N % 16, alignment, a tile larger than shared memory) the call falls back to kDefaultMmaVariant.
+// (N % 16, alignment, a tile larger than shared memory) the call falls back to the default register variant.
 struct StreamVariant {
   bool bulk;  // TMA bulk copies, else 16-byte cp.async
   bool pdl;   // programmatic dependent launch
 };
 constexpr StreamVariant kStreamVariants[] = {{true, false}, {false, false}, {false, true}};
 constexpr int kNumVariants = kNumMmaVariants + sizeof(kStreamVariants) / sizeof(kStreamVariants[0]);
-// H100 run v6a: the bulk-copy variant was slower standalone (9.2 vs 7.5 us at 4096^2, 1 token; with PDL 7.1 us
-// in back-to-back chains). The register kernel stays the default.
-constexpr int kDefaultVariant = kDefaultMmaVariant;
+// H100 runs v6a/v6b: the streaming variants were slower standalone (9.1 / 8.7 vs 7.4 us at 4096^2, 1 token; with
+// PDL 6.9 us in back-to-back chains). The register kernel stays the default.
 
 template <int NT, int WARPS, int UNROLL, bool DB>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
@@ -302,7 +301,7 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
   half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
   if (K % 128 == 0 && group_size % 128 == 0) {
     const int grid = (int)((N + 15) / 16);
-    const int dflt = M <= 8 ? kDefaultVariant : kDefaultMmaVariant16;
+    const int dflt = M <= 8 ? kDefaultMmaVariant : kDefaultMmaVariant16;
     int v = (variant >= 0 && variant < kNumVariants) ? (int)variant : dflt;
     if (v >= kNumMmaVariants) {
       const StreamVariant sv = kStreamVariants[v - kNumMmaVariants];
@@ -312,7 +311,7 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return out;
       }
-      v = M <= 8 ? kDefaultMmaVariant : kDefaultMmaVariant16;
+      v = dflt;
     }
     if (M <= 8)
       launch_mma_variant<1>(v, grid, stream, xp, qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
