@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     print(f"batching engine vs unbatched: {speedup:.2f}x requests/s")
     args.out.mkdir(parents=True, exist_ok=True)
-    out_file = args.out / f"service_load_{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out_file = (args.out / f"service_load_{stamp.strftime('%Y%m%dT%H%M%SZ')}.json").resolve()
     out_file.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out_file}")
     if not args.no_append:
