@@ -34,6 +34,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from benchmarks.graph_decode import KV_BITS
+
 
 def build_model(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -158,8 +160,8 @@ def plan_rows(schemes: list[str], kv_bits: list[int], kv_weights: list[str]) -> 
         if s not in SCHEMES:
             raise ValueError(f"unknown weight scheme {s!r} (one of {SCHEMES})")
     for b in kv_bits:
-        if b not in (16, 8, 4):
-            raise ValueError(f"KV bits must be 16, 8 or 4, got {b}")
+        if b not in KV_BITS:
+            raise ValueError(f"KV bits must be one of {KV_BITS}, got {b}")
     rows: list[tuple[str, int]] = []
     for scheme in schemes:
         if 16 in kv_bits:
