@@ -36,6 +36,18 @@ if [[ $STAGES == *ncu* ]]; then
   fi
   for f in "$OUT"/ncu_*.txt; do echo "== $f"; grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|L2 Hit|Dynamic Shared" "$f" | head -24; done
 fi
+if [[ $STAGES == *aqprof* ]]; then
+  # act_quant detail: stall reasons, instruction mix and per-SASS-line counters of the transform kernels
+  AQ="ncu --clock-control none --launch-skip 2 --launch-count 1 --kernel-name regex:act_quant --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section InstructionStats --section Occupancy --section MemoryWorkloadAnalysis --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+  for spec in "4096 kronecker" "11008 kronecker" "4096 none" "11008 none"; do
+    set -- $spec
+    timeout 120 $AQ python3 -m kernels.profile_kernels act_quant --k $1 --transform $2 > "$OUT/aq_$1_$2.txt" 2>&1
+  done
+  for k in 4096 11008; do
+    timeout 150 ncu --clock-control none --launch-skip 2 --launch-count 1 --kernel-name regex:act_quant --section SourceCounters --page source --print-source sass --csv python3 -m kernels.profile_kernels act_quant --k $k --transform kronecker > "$OUT/aq_sass_$k.csv" 2>&1
+  done
+  for f in "$OUT"/aq_*.txt; do echo "== $f"; grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Executed Ipc A|stalled|inst_executed.sum|hmma" "$f" | head -40; done
+fi
 if [[ $STAGES == *kv* ]]; then
   timeout 200 python3 -m benchmarks.kv_attention --out "$OUT" 2>&1 | tee "$OUT/kv_attention.log" | tail -40
 fi

@@ -10,8 +10,9 @@
 //   Y = P1^T X P2 (Kronecker: the whole row, x @ kron(P1, P2); Hadamard: each hb block, P1 = H_n1,
 //   P2 = H_n2 as +-1 Sylvester matrices, since H_{n1 n2} = H_n1 (x) H_n2, then * 1/sqrt(hb) in fp32).
 //   Persistent blocks of 8 warps take TB tokens per round; rows arrive in shared memory by cp.async
-//   (16 bytes, double-buffered: the next round loads while this one computes); P1, P2 are staged once
-//   per block as fp16 fragments. A warp "unit" is (token, chunk, 16 output columns j): step 1 computes
+//   (16 bytes, double-buffered: the next round loads while this one computes; compact rows, padding rows of a
+//   chunk read one shared zero row); P1, P2 are staged once per block as fp16 fragments (coalesced, no
+//   divisions: on H100 run v7a integer index math was ~45% of the kernel's instructions). A warp "unit" is (token, chunk, 16 output columns j): step 1 computes
 //   T^T[j, :] = P2[:, j]^T X^T (A = P2^T fragments, B = X by ldmatrix), whose accumulators are exactly
 //   the B fragments of step 2, Y[:, j] = P1^T T[:, j] (no shuffles, nothing through shared memory).
 //   T is scaled by a power of two per unit first, so fp16 neither overflows nor loses low bits to subnormals.
@@ -24,14 +25,16 @@
 //   Kronecker 64x64: 27 us FAST vs 38.5 us compensated (no transform: 18.5 us).
 //   Y stays in registers; per-token absmax by warp shuffles + shared atomics; codes are written to
 //   shared memory and leave with coalesced 16-byte stores.
-// * act_quant_kernel (every other case: bf16 / fp32 input, other sizes, no transform): one block per row
+// * act_quant_vec_kernel (no transform, fp16 / bf16, K % 8 == 0, K <= 16384): one block of 128 threads per
+//   token, the row held in registers (16-byte loads), 8-byte code stores.
+// * act_quant_kernel (every other case: fp32 input, bf16 with a transform, other sizes): one block per row
 //   at a time, row staged in shared memory as fp32, in-place butterflies or scalar fp32 products.
 //
 // Quantization (both): v = transformed value (Hadamard: * 1/sqrt(hb) in fp32), scale =
 // max(absmax(v) * clip / qmax, 1e-8), q = clamp(rint(v / scale), -qmax, qmax) (a true division, rint =
 // round half to even); unsigned codes u = q + 2^(bits-1) (int4 two per byte, element 2j in the low
 // nibble), or (act_quant_s8) signed int8 q with a_corr = 128 * sum_k q (exact int32).
-// QAAS_ACT_QUANT_TC=0 (read once) forces the scalar kernel everywhere (A/B comparisons).
+// QAAS_ACT_QUANT_TC=0 (read once) forces the scalar kernel everywhere (A/B comparisons), no transform included.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -221,6 +224,134 @@ void dispatch_scalar(int mode, const at::Tensor& x, const at::Tensor& clip, int 
   else launch_scalar<T, 2, OUT>(x, clip, hb, p1, p2, n1, n2, codes, scales, corr);
 }
 
+// ================================================================================ no transform, vectorised
+// One block of kVecThreads per token (fp16 / bf16, K % 8 == 0, 16-byte aligned rows): the whole row is loaded
+// into registers with 16-byte loads (VPT vectors of 8 per thread, all in flight at once), block absmax, then
+// codes written as 8 (int8) or 4 (int4) bytes per vector. Same arithmetic as act_quant_kernel (float32 absmax,
+// scale = max(absmax * clip / qmax, eps), true division, round half to even): identical codes.
+namespace vec {
+
+constexpr int kVecThreads = 128;
+constexpr int kMaxVpt = 16;  // K <= 16 * 8 * 128 = 16384
+
+template <typename T>
+__device__ __forceinline__ void to_float8(const uint4& v, float (&f)[8]) {
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) f[j] = static_cast<float>(e[j]);
+}
+
+template <typename T, int OUT, int VPT>
+__global__ void __launch_bounds__(kVecThreads) act_quant_vec_kernel(const T* __restrict__ x, int K,
+                                                                     const float* __restrict__ clip,
+                                                                     uint8_t* __restrict__ codes,
+                                                                     float* __restrict__ scales,
+                                                                     int* __restrict__ corr) {
+  constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
+  __shared__ float s_max[kVecThreads / 32];
+  __shared__ int s_sum[kVecThreads / 32];
+  const int m = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nvec = K >> 3;
+  const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * K);
+  uint4 v[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int idx = tid + i * kVecThreads;
+    if (idx < nvec) v[i] = __ldg(src + idx);
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if (tid + i * kVecThreads < nvec) {
+      float f[8];
+      to_float8<T>(v[i], f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(f[j]));
+    }
+  }
+  amax = warp_max(amax);
+  if (lane == 0) s_max[warp] = amax;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kVecThreads / 32; ++w) amax = fmaxf(amax, s_max[w]);
+  const float scale = fmaxf(amax * __ldg(clip) / (float)QMAX, kEps);
+  if (tid == 0) scales[m] = scale;
+  int rsum = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int idx = tid + i * kVecThreads;
+    if (idx < nvec) {
+      float f[8];
+      to_float8<T>(v[i], f);
+      int q[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float r = rintf(f[j] / scale);
+        q[j] = (int)fminf(fmaxf(r, (float)-QMAX), (float)QMAX);
+      }
+      if constexpr (OUT == kOutU4) {
+        uint32_t w = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w |= (uint32_t)(q[j] + 8) << (4 * j);
+        reinterpret_cast<uint32_t*>(codes + (size_t)m * (K / 2))[idx] = w;
+      } else {
+        const int z = OUT == kOutS8 ? 0 : 128;
+        uint32_t w0 = 0, w1 = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          w0 |= ((uint32_t)(q[j] + z) & 0xffu) << (8 * j);
+          w1 |= ((uint32_t)(q[j + 4] + z) & 0xffu) << (8 * j);
+        }
+        reinterpret_cast<uint2*>(codes + (size_t)m * K)[idx] = make_uint2(w0, w1);
+        if constexpr (OUT == kOutS8) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) rsum += q[j];
+        }
+      }
+    }
+  }
+  if constexpr (OUT == kOutS8) {
+    rsum = __reduce_add_sync(0xffffffffu, rsum);
+    if (lane == 0) s_sum[warp] = rsum;
+    __syncthreads();
+    if (tid == 0) {
+      int tot = 0;
+#pragma unroll
+      for (int w = 0; w < kVecThreads / 32; ++w) tot += s_sum[w];
+      corr[m] = 128 * tot;
+    }
+  }
+}
+
+// Vectors per thread for a row of K elements (a template value), or 0 where the kernel does not apply.
+int vpt_for(int K) {
+  if (K % 8 != 0) return 0;
+  const int need = (K / 8 + kVecThreads - 1) / kVecThreads;
+  if (need > kMaxVpt) return 0;
+  for (int v : {1, 2, 4, 6, 8, 12, 16})
+    if (need <= v) return v;
+  return 0;
+}
+
+template <typename T, int OUT>
+void launch(const at::Tensor& x, const at::Tensor& clip, int vpt, uint8_t* codes, float* scales, int* corr) {
+  const int M = x.size(0), K = x.size(1);
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const float* cp = clip.data_ptr<float>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+#define QAAS_VEC(V_)                                                                                   \
+  if (vpt == V_) {                                                                                     \
+    act_quant_vec_kernel<T, OUT, V_><<<M, kVecThreads, 0, stream>>>(xp, K, cp, codes, scales, corr); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                    \
+    return;                                                                                            \
+  }
+  QAAS_VEC(1) QAAS_VEC(2) QAAS_VEC(4) QAAS_VEC(6) QAAS_VEC(8) QAAS_VEC(12) QAAS_VEC(16)
+#undef QAAS_VEC
+  TORCH_CHECK(false, "act_quant: internal error, no vectorised kernel for ", vpt, " vectors per thread");
+}
+
+}  // namespace vec
+
 // ====================================================================================== tensor-core path
 namespace tc {
 
@@ -232,11 +363,12 @@ constexpr int kMaxTB = 16;  // tokens per round, at most
 // wide: RMAX * N1 / 2 <= 64 fp32 registers of Y, one block (8 warps) per SM (~160 registers);
 // narrow (N1 <= 64): RMAX * N1 / 2 <= 32, <= 128 registers, two blocks per SM, so one block's
 // quantization / barriers overlap the other's tensor-core work. The host takes narrow where it fits.
-// n1 80 / 96 (incl. 86 padded to 96): two units per warp, so a token of 8 units leaves room for a second token
-// per round (K = 11008 Kronecker 86x128: TB 2 instead of 1).
+// n1 80 / 96 (incl. 86 padded to 96): wide takes two units per warp (two tokens of 8 units per round); narrow one
+// unit per warp in <= 128 registers, two blocks per SM (K = 11008 Kronecker 86x128: one token per round per block,
+// 16 warps per SM instead of 8; shared memory ~107 KB per block thanks to the compact X rows).
 __host__ __device__ constexpr int rmax_wide(int n1) { return n1 <= 64 ? 128 / n1 : (n1 <= 96 ? 2 : 1); }
-__host__ __device__ constexpr int rmax_narrow(int n1) { return n1 <= 64 ? 64 / n1 : 0; }
-__host__ __device__ constexpr int min_blocks(int n1, int rmax) { return rmax * n1 <= 64 ? 2 : 1; }
+__host__ __device__ constexpr int rmax_narrow(int n1) { return n1 <= 64 ? 64 / n1 : (n1 <= 96 ? 1 : 0); }
+__host__ __device__ constexpr int min_blocks(int n1, int rmax) { return rmax == rmax_narrow(n1) ? 2 : 1; }
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -296,13 +428,14 @@ __device__ __forceinline__ int quant1_recip(float v, float inv_scale) {
   return __float2int_rn(fminf(fmaxf(v * inv_scale, (float)-QMAX), (float)QMAX));
 }
 
-// Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each),
-// X for TB tokens x 2 buffers (chunks x N1 rows of n2 halves padded by 8: conflict-free ldmatrix; rows n1..N1-1
-// of each chunk are zero), codes of TB tokens. N1 = n1 rounded up to a multiple of 16.
+// Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each), one zero
+// row (n2 + 8 halves), X for TB tokens x 2 buffers (the token's K / n2 rows of n2 halves, each padded by 8:
+// conflict-free ldmatrix; compact: row r of the token is row r here, so chunk c starts at row c * n1, and the
+// ldmatrix lanes of the padding rows n1..N1-1 of a chunk read the zero row), codes of TB tokens.
+// N1 = n1 rounded up to a multiple of 16.
 __host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K, int CB) {
-  const int chunks = K / (n1 * n2);
-  return (size_t)2 * (N1 * N1 + n2 * n2) * (lo ? 2 : 1) + (size_t)2 * TB * chunks * N1 * (n2 + 8) * 2 +
-         (size_t)TB * CB;
+  return (size_t)2 * (N1 * N1 + n2 * n2) * (lo ? 2 : 1) + (size_t)(n2 + 8) * 2 +
+         (size_t)2 * TB * (K / n2) * (n2 + 8) * 2 + (size_t)TB * CB;
 }
 
 template <int N1, int RMAX, bool FAST, int OUT>
@@ -317,7 +450,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   const int chunks = K / (n1 * n2);
   const int U = chunks * NB2;     // units (chunk, j-tile) per token
   const int xstr = n2 + 8;        // halves per staged X row
-  const int xtok = chunks * N1 * xstr;
+  const int xtok = chunks * n1 * xstr;
   const int CB = OUT == kOutU4 ? K / 2 : K;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -325,7 +458,8 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   __half* sp2l = sp2h + n2 * n2;
   __half* sp1h = sp2h + (lo ? 2 : 1) * n2 * n2;
   __half* sp1l = sp1h + N1 * N1;
-  __half* sx = sp1h + (lo ? 2 : 1) * N1 * N1;
+  __half* szero = sp1h + (lo ? 2 : 1) * N1 * N1;  // one zero row: what padding rows of X read
+  __half* sx = szero + xstr;
   uint8_t* sc = reinterpret_cast<uint8_t*>(sx + 2 * TB * xtok);
   __shared__ unsigned s_amax[kMaxTB];
   __shared__ int s_sum[kMaxTB];
@@ -333,30 +467,27 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const uint32_t sx_addr = (uint32_t)__cvta_generic_to_shared(sx);
+  const uint32_t szero_addr = (uint32_t)__cvta_generic_to_shared(szero);
 
-  // cp.async of round `round`'s rows into buffer `buf` (16-byte pieces, global order = coalesced).
+  // cp.async of round `round`'s rows into buffer `buf` (16-byte pieces, global order = coalesced). Piece w of a
+  // token (row r = w / W, column piece w - r W) lands at halves r * xstr + (w - r W) * 8 = 8 (w + r): the row
+  // index is the only division, done as a multiply-high by ceil(2^32 / W) (exact for w < 2^28 / W).
+  const int W = n2 >> 3;
+  const uint32_t wmagic = 0xffffffffu / (uint32_t)W + 1u;
   auto issue = [&](int round, int buf) {
     const int m0 = round * TB;
     const int nt = min(TB, M - m0);
-    const int per_tok = K >> 3, W = n2 >> 3;
-    const __half* src = x + (size_t)m0 * K;
-    const uint32_t dst = sx_addr + (uint32_t)(buf * TB * xtok) * 2u;
-    for (int q = tid; q < nt * per_tok; q += kThreadsTc) {
-      const int tb = q / per_tok;
-      const int w = q - tb * per_tok;
-      const int r = w / W, c = w - r * W;
-      const int srow = r + (r / n1) * (N1 - n1);  // padded row: chunk * N1 + row in chunk
-      cp_async16(dst + (uint32_t)(tb * xtok + srow * xstr + c * 8) * 2u, src + (size_t)q * 8);
+    const int per_tok = K >> 3;
+    for (int tb = 0; tb < nt; ++tb) {
+      const __half* src = x + (size_t)(m0 + tb) * K;
+      const uint32_t dst = sx_addr + (uint32_t)((buf * TB + tb) * xtok) * 2u;
+      for (int w = tid; w < per_tok; w += kThreadsTc) {
+        const int r = (int)__umulhi((uint32_t)w, wmagic);
+        cp_async16(dst + (uint32_t)(w + r) * 16u, src + (size_t)w * 8);
+      }
     }
   };
-  if (n1 != N1) {  // zero the padding rows of both buffers once (cp.async never writes them)
-    const int prow = N1 - n1;
-    for (int q = tid; q < 2 * TB * chunks * prow * xstr; q += kThreadsTc) {
-      const int row = q / xstr, col = q - row * xstr;
-      const int tc = row / prow;  // (buffer, token, chunk)
-      sx[(size_t)tc * N1 * xstr + (size_t)(n1 + row - tc * prow) * xstr + col] = __float2half_rn(0.f);
-    }
-  }
+  for (int q = tid; q < xstr; q += kThreadsTc) szero[q] = __float2half_rn(0.f);
   if ((int)blockIdx.x < nrounds) issue(blockIdx.x, 0);
   cp_async_commit();
 
@@ -366,47 +497,70 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     s_amax[tid] = 0u;
     s_sum[tid] = 0;
   }
-  // (loads batched 16 per thread ahead of their stores: one global round trip per 4096 elements)
-  for (int e0 = 0; e0 < n2 * n2; e0 += 16 * kThreadsTc) {
-    float pv[16];
+  // Fragment pairs: A elements (r, c) and (r, c + 1), c even, are adjacent halves, i.e. two consecutive rows of
+  // P2 (P2[b][j], P2[b + 1][j] = A(j, b), A(j, b + 1)) or of P1: warps take row pairs, lanes columns (coalesced
+  // loads, no divisions), all of a thread's loads issued before its stores (one global round trip per matrix).
+  {
+    constexpr int kPairs = 128 / 2 / kWarps, kCols = 128 / 32;
+    float pv[kPairs][kCols][2];
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int e = e0 + k * kThreadsTc + tid;
-      pv[k] = (had || e >= n2 * n2) ? 0.f : __ldg(p2 + e);
-    }
+    for (int i = 0; i < kPairs; ++i)
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int e = e0 + k * kThreadsTc + tid;
-      if (e < n2 * n2) {
-        const int b = e / n2, j = e - b * n2;  // P2[b][j] = A(j, b)
-        const float p = had ? ((__popc(b & j) & 1) ? -1.f : 1.f) : pv[k];
-        const int idx = ((j >> 4) * NB2 + (b >> 4)) * 256 + afrag_pos(slot_of_col(j & 15), b & 15);
-        const __half h = __float2half_rn(p);
-        sp2h[idx] = h;
-        if (lo) sp2l[idx] = __float2half_rn(p - __half2float(h));
+      for (int cj = 0; cj < kCols; ++cj) {
+        const int b = 2 * (warp + kWarps * i), j = lane + 32 * cj;
+        const bool in = !had && b < n2 && j < n2;
+        pv[i][cj][0] = in ? __ldg(p2 + b * n2 + j) : 0.f;
+        pv[i][cj][1] = in ? __ldg(p2 + (b + 1) * n2 + j) : 0.f;
       }
-    }
-  }
-  for (int e0 = 0; e0 < N1 * N1; e0 += 16 * kThreadsTc) {
-    float pv[16];
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int e = e0 + k * kThreadsTc + tid;
-      const int a = e / N1, i = e - a * N1;
-      pv[k] = (had || e >= N1 * N1 || a >= n1 || i >= n1) ? 0.f : __ldg(p1 + a * n1 + i);
-    }
+    for (int i = 0; i < kPairs; ++i)
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int e = e0 + k * kThreadsTc + tid;
-      if (e < N1 * N1) {
-        const int a = e / N1, i = e - a * N1;  // P1[a][i] = A(i, a)
-        const float p = had ? ((__popc(a & i) & 1) ? -1.f : 1.f) : pv[k];
-        const int idx = ((i >> 4) * NB1 + (a >> 4)) * 256 + afrag_pos(i & 15, a & 15);
-        const __half h = __float2half_rn(p);
-        sp1h[idx] = h;
-        if (lo) sp1l[idx] = __float2half_rn(p - __half2float(h));
+      for (int cj = 0; cj < kCols; ++cj) {
+        const int b = 2 * (warp + kWarps * i), j = lane + 32 * cj;
+        if (b < n2 && j < n2) {
+          float p0 = pv[i][cj][0], p1v = pv[i][cj][1];
+          if (had) {
+            p0 = (__popc(b & j) & 1) ? -1.f : 1.f;
+            p1v = (__popc((b + 1) & j) & 1) ? -1.f : 1.f;
+          }
+          const int idx = ((j >> 4) * NB2 + (b >> 4)) * 256 + afrag_pos(slot_of_col(j & 15), b & 15);
+          const __half2 h = __floats2half2_rn(p0, p1v);
+          *reinterpret_cast<__half2*>(sp2h + idx) = h;
+          if (lo) {
+            const float2 hf = __half22float2(h);
+            *reinterpret_cast<__half2*>(sp2l + idx) = __floats2half2_rn(p0 - hf.x, p1v - hf.y);
+          }
+        }
       }
-    }
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i)
+#pragma unroll
+      for (int cj = 0; cj < kCols; ++cj) {
+        const int a = 2 * (warp + kWarps * i), ii = lane + 32 * cj;
+        const bool in = !had && ii < n1;  // rows a >= n1 (padding) are zero
+        pv[i][cj][0] = (in && a < n1) ? __ldg(p1 + a * n1 + ii) : 0.f;
+        pv[i][cj][1] = (in && a + 1 < n1) ? __ldg(p1 + (a + 1) * n1 + ii) : 0.f;
+      }
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i)
+#pragma unroll
+      for (int cj = 0; cj < kCols; ++cj) {
+        const int a = 2 * (warp + kWarps * i), ii = lane + 32 * cj;
+        if (a < N1 && ii < N1) {
+          float p0 = pv[i][cj][0], p1v = pv[i][cj][1];
+          if (had) {
+            p0 = (__popc(a & ii) & 1) ? -1.f : 1.f;
+            p1v = (__popc((a + 1) & ii) & 1) ? -1.f : 1.f;
+          }
+          const int idx = ((ii >> 4) * NB1 + (a >> 4)) * 256 + afrag_pos(ii & 15, a & 15);
+          const __half2 h = __floats2half2_rn(p0, p1v);
+          *reinterpret_cast<__half2*>(sp1h + idx) = h;
+          if (lo) {
+            const float2 hf = __half22float2(h);
+            *reinterpret_cast<__half2*>(sp1l + idx) = __floats2half2_rn(p0 - hf.x, p1v - hf.y);
+          }
+        }
+      }
   }
   const float clip_ratio = __ldg(clip);
   // ldmatrix.x4 lane address inside a 16 x 16 X tile: matrices (rows 0-7, cols 0-7), (0-7, 8-15),
@@ -437,7 +591,14 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         float acc[2 * NB1][4];
 #pragma unroll
         for (int n = 0; n < 2 * NB1; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-        const uint32_t xrow = xb + (uint32_t)((tb * xtok) + (c * N1 + lrow) * xstr + lcol) * 2u;
+        // ldmatrix row address of each 16-row a-tile: chunk c's row na * 16 + lrow, or the zero row (padding)
+        uint32_t xrow[NB1];
+#pragma unroll
+        for (int na = 0; na < NB1; ++na) {
+          const int row = na * 16 + lrow;
+          xrow[na] = row >= n1 ? szero_addr + (uint32_t)lcol * 2u
+                               : xb + (uint32_t)((tb * xtok) + (c * n1 + row) * xstr + lcol) * 2u;
+        }
         const __half* f2h = sp2h + (jt * NB2) * 256 + lane * 8;
         const __half* f2l = sp2l + (jt * NB2) * 256 + lane * 8;
         for (int kb = 0; kb < NB2; ++kb) {
@@ -451,7 +612,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
 #pragma unroll
           for (int na = 0; na < NB1; ++na) {
             uint32_t b[4];
-            ldsm_x4(b, xrow + (uint32_t)(na * 16 * xstr + kb * 16) * 2u);
+            ldsm_x4(b, xrow[na] + (uint32_t)kb * 32u);
             mma16816(acc[2 * na], ah, b[0], b[1]);
             mma16816(acc[2 * na + 1], ah, b[2], b[3]);
             if (lo) {
@@ -714,6 +875,7 @@ void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, c
   QAAS_TC(80, rmax_wide(80)) QAAS_TC(96, rmax_wide(96)) QAAS_TC(112, rmax_wide(112)) QAAS_TC(128, rmax_wide(128))
   // narrow
   QAAS_TC(16, rmax_narrow(16)) QAAS_TC(32, rmax_narrow(32)) QAAS_TC(48, rmax_narrow(48)) QAAS_TC(64, rmax_narrow(64))
+  QAAS_TC(80, rmax_narrow(80)) QAAS_TC(96, rmax_narrow(96))
 #undef QAAS_TC
   TORCH_CHECK(false, "act_quant: internal error, no tensor-core kernel for N1 = ", p.N1, ", rmax = ", p.rmax);
 }
@@ -762,6 +924,15 @@ void run(const at::Tensor& x, const at::Tensor& clip, int mode, int hb, const Ar
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  if (mode == 0 && tc::tc_enabled() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
+      (reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 && x.size(0) <= INT32_MAX) {
+    const int vpt = vec::vpt_for((int)x.size(1));
+    if (vpt > 0) {
+      if (x.scalar_type() == at::kHalf) vec::launch<at::Half, OUT>(x, clip, vpt, codes, scales, corr);
+      else vec::launch<at::BFloat16, OUT>(x, clip, vpt, codes, scales, corr);
+      return;
+    }
+  }
   tc::Plan plan;
   if (tc::make_plan(x, mode, hb, a.n1, a.n2, OUT, sms, optin, per_sm, plan)) {
     if (tc::fast_mode()) tc::dispatch_tc<true, OUT>(x, clip, a.p1, a.p2, plan, dev, sms, optin, codes, scales, corr);

@@ -1,7 +1,8 @@
 """CPU emulation of ``act_quant_tc_kernel`` (kernels/csrc/act_quant.cu), statement by statement.
 
-It mirrors the kernel's index arithmetic (P fragment staging, the output-column slot permutation, the
-padded X rows, ldmatrix lane addressing, the m16n8k16 A/B/C fragment layouts of the PTX ISA, the code
+It mirrors the kernel's index arithmetic (P fragment staging (element by element here; the kernel stores the
+adjacent pairs (r, c), (r, c + 1) of a fragment as one half2), the output-column slot permutation, the compact X
+rows and the zero row that padding rows read, the multiply-high row division, ldmatrix lane addressing, the m16n8k16 A/B/C fragment layouts of the PTX ISA, the code
 buffer and its write-out) and its arithmetic (fp16 operands, fp32 accumulation, hi/lo splits, the
 power-of-two scaling of T, true division and round-half-even), so that the index math can be checked
 against :mod:`kernels.reference` without a GPU. Blocks and warps run one after another (barriers are
@@ -29,12 +30,12 @@ def rmax_wide(n1: int) -> int:
 
 
 def rmax_narrow(n1: int) -> int:
-    return 64 // n1 if n1 <= 64 else 0
+    return 64 // n1 if n1 <= 64 else (1 if n1 <= 96 else 0)
 
 
 def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int, CB: int) -> int:
-    chunks = K // (n1 * n2)
-    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + 2 * TB * chunks * N1 * (n2 + 8) * 2 + TB * CB
+    # P fragments, one zero row, X (compact rows: K / n2 per token, n2 + 8 halves each) x 2 buffers, codes
+    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + (n2 + 8) * 2 + 2 * TB * (K // n2) * (n2 + 8) * 2 + TB * CB
 
 
 def slot_of_col(p):
@@ -166,7 +167,7 @@ def act_quant_tc_sim(
     N1, n1r, n2, had, norm, TB, nrounds, RMAX = (
         plan[k] for k in ("n1", "n1_real", "n2", "had", "norm", "TB", "nrounds", "rmax"))
     if grid is None:
-        grid = min(nrounds, sms * (2 if RMAX * N1 <= 64 else 1))
+        grid = min(nrounds, sms * (2 if RMAX == rmax_narrow(N1) else 1))
     NB1 = N1 // 16
     QMAX = 7 if out == OUT_U4 else 127
     lo = (not fast) and not had
@@ -174,7 +175,7 @@ def act_quant_tc_sim(
     chunks = K // (n1r * n2)
     U = chunks * NB2
     xstr = n2 + 8
-    xtok = chunks * N1 * xstr
+    xtok = chunks * n1r * xstr
     CB = K // 2 if out == OUT_U4 else K
     clip_ratio = F32(clip)
     p1f = None if p1 is None else np.asarray(p1, F32).reshape(-1)
@@ -191,9 +192,11 @@ def act_quant_tc_sim(
         sp2l = np.full(n2 * n2, np.nan, F16)
         sp1h = np.full(N1 * N1, np.nan, F16)
         sp1l = np.full(N1 * N1, np.nan, F16)
-        sx = np.full(2 * TB * xtok, np.nan, F16)
-        for tc in range(2 * TB * chunks):  # padding rows n1..N1-1 of every chunk are zeroed once
-            sx[tc * N1 * xstr + n1r * xstr : (tc + 1) * N1 * xstr] = 0
+        # the zero row sits right before X (ldmatrix rows of the padding rows n1..N1-1 read it), then X: 2 buffers
+        # of TB tokens of K / n2 compact rows (chunk c starts at row c * n1)
+        sxz = np.full(xstr + 2 * TB * xtok, np.nan, F16)
+        sxz[:xstr] = 0
+        ZERO = 0  # offset of the zero row in sxz; X starts at xstr
         sc = np.full(TB * CB, 0xCD, np.uint8)
         s_amax = np.zeros(MAX_TB, F32)
         s_sum = np.zeros(MAX_TB, np.int64)
@@ -202,12 +205,14 @@ def act_quant_tc_sim(
             m0 = rnd * TB
             nt = min(TB, M - m0)
             per_tok, W = K >> 3, n2 >> 3
-            for q in range(nt * per_tok):
-                tb, w = divmod(q, per_tok)
-                r, c = divmod(w, W)
-                srow = r + (r // n1r) * (N1 - n1r)
-                d = buf * TB * xtok + tb * xtok + srow * xstr + c * 8
-                sx[d : d + 8] = xflat[m0 * K + q * 8 : m0 * K + q * 8 + 8]
+            wmagic = (0xFFFFFFFF // W + 1) & 0xFFFFFFFF
+            for tb in range(nt):
+                for w in range(per_tok):
+                    r = (w * wmagic) >> 32  # __umulhi(w, ceil(2^32 / W)) = w // W
+                    assert r == w // W
+                    d = xstr + (buf * TB + tb) * xtok + 8 * (w + r)
+                    q = tb * per_tok + w
+                    sxz[d : d + 8] = xflat[m0 * K + q * 8 : m0 * K + q * 8 + 8]
 
         if block < nrounds:
             issue(block, 0)
@@ -241,7 +246,7 @@ def act_quant_tc_sim(
             m0 = rnd * TB
             nt = min(TB, M - m0)
             nunits = nt * U
-            xb = buf * TB * xtok
+            xb = xstr + buf * TB * xtok
             y = {}
             ysc = {}
             for warp in range(WARPS):
@@ -252,13 +257,14 @@ def act_quant_tc_sim(
                     tb, v = divmod(u, U)
                     c, jt = divmod(v, NB2)
                     acc = np.zeros((2 * NB1, 32, 4), F32)
-                    xrow = xb + tb * xtok + (c * N1 + lrow) * xstr + lcol
+                    xrow = [np.where(na * 16 + lrow >= n1r, ZERO + lcol,
+                                     xb + tb * xtok + (c * n1r + na * 16 + lrow) * xstr + lcol) for na in range(NB1)]
                     f2 = (jt * NB2) * 256 + LANE * 8
                     for kb in range(NB2):
                         ah = lds128(sp2h, f2 + kb * 256).astype(np.float64)
                         al = lds128(sp2l, f2 + kb * 256).astype(np.float64) if lo else None
                         for na in range(NB1):
-                            bb = ldsm_x4(sx, xrow + na * 16 * xstr + kb * 16).astype(np.float64)
+                            bb = ldsm_x4(sxz, xrow[na] + kb * 16).astype(np.float64)
                             acc[2 * na] = mma16816(acc[2 * na], ah, bb[:, 0], bb[:, 1])
                             acc[2 * na + 1] = mma16816(acc[2 * na + 1], ah, bb[:, 2], bb[:, 3])
                             if lo:

@@ -50,8 +50,9 @@ def _codes_vs_reference(codes: np.ndarray, x, clip, mode, hb, p1, p2, out):
         (2, 2048, 0, 128, 7, OUT_U4, 2, 1, False),  # Kronecker 128 x 16
         (2, 3840, 0, 48, 2, OUT_S8, 132, None, False),  # Kronecker 48 x 80
         (1, 1024, 256, 0, 37, OUT_S8, 3, 3, True),  # 4 units per token, 8 tokens per round
-        (2, 11008, 0, 86, 2, OUT_S8, 132, None, False),  # Kronecker 86 x 128: n1 padded to 96 (zero rows)
-        (2, 11008, 0, 86, 5, OUT_U8, 2, 1, False),  # same, two tokens per round (2 units per warp), ragged tail
+        (2, 11008, 0, 86, 2, OUT_S8, 132, None, False),  # Kronecker 86 x 128: n1 padded to 96 (zero row), narrow
+        (2, 11008, 0, 86, 3, OUT_U4, 2, 1, False),  # same, several rounds in one block (one token per round)
+        (2, 11008, 0, 86, 5, OUT_U8, 2, 1, True),  # wide: two tokens per round (2 units per warp), ragged tail
         (2, 2560, 0, 20, 3, OUT_U4, 2, 1, False),  # Kronecker 20 x 128: n1 padded to 32, 1 chunk per row
     ],
 )
@@ -80,8 +81,14 @@ def test_tc_plan_coverage() -> None:
     plan = make_plan(2048, 11008, 1, 256, 0, 0, OUT_U8, False, 132)
     assert plan is not None and plan["n1"] == 16 and plan["rmax"] == 8 and plan["TB"] == 1  # 43 units: wide
     assert make_plan(1, 16384, 2, 0, 128, 128, OUT_U8, False, 132)["smem"] <= 232448 - 1024
-    plan = make_plan(2048, 11008, 2, 0, 86, 128, OUT_S8, False, 132)  # 86 padded to 96: two units per warp
-    assert plan is not None and (plan["n1"], plan["n1_real"], plan["rmax"], plan["TB"]) == (96, 86, 2, 2)
+    # 86 padded to 96, FAST (the default): narrow, one token per round, two blocks per SM
+    plan = make_plan(2048, 11008, 2, 0, 86, 128, OUT_S8, True, 132)
+    assert plan is not None and (plan["n1"], plan["n1_real"], plan["rmax"], plan["TB"]) == (96, 86, 1, 1)
+    assert plan["smem"] <= 233472 // 2 - 2048
+    # compensated (P hi + lo: too much shared memory for two blocks) or forced wide: two units per warp, 2 tokens
+    for fast, wide in ((False, False), (True, True)):
+        plan = make_plan(2048, 11008, 2, 0, 86, 128, OUT_S8, fast, 132, wide_only=wide)
+        assert plan is not None and (plan["rmax"], plan["TB"]) == (2, 2)
     assert make_plan(1, 4096, 1, 128, 0, 0, OUT_U8, False, 132) is None  # block < 256: butterflies
     assert make_plan(1, 32768, 1, 256, 0, 0, OUT_U8, False, 132) is None  # 128 chunks > 64 register slots
 

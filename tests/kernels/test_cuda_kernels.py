@@ -45,8 +45,10 @@ ACT_TC_CASES = [
     (2, 11008, 0, 86),  # Kronecker 86 x 128: n1 padded to 96 (zero rows), 8 units per token
     (2, 2560, 0, 20),  # Kronecker 20 x 128: n1 padded to 32
 ]
+# no transform: the vectorised kernel (fp16 / bf16, K % 8 == 0, K <= 16384; 1..16 16-byte vectors per thread,
+# the last one partly used) or, past those limits, the scalar kernel; identical codes either way
+ACT_NONE_CASES = [(0, 4096, 0, 0), (0, 11008, 0, 0), (0, 1000, 0, 0), (0, 16384, 0, 0), (0, 1004, 0, 0), (0, 16392, 0, 0)]
 ACT_SCALAR_CASES = [
-    (0, 4096, 0, 0),  # no transform
     (1, 4096, 128, 0),  # Hadamard block < 256: butterflies
     (2, 1024, 0, 8),  # Kronecker 8 x 128: n1 < 16, scalar kernel
 ]
@@ -80,7 +82,8 @@ def _dev(t: torch.Tensor | None) -> torch.Tensor | None:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
     "mode,k,hb,n1,m",
-    [c + (m,) for c in ACT_TC_CASES for m in ACT_TOKENS] + [c + (37,) for c in ACT_SCALAR_CASES],
+    [c + (m,) for c in ACT_TC_CASES for m in ACT_TOKENS] + [c + (37,) for c in ACT_SCALAR_CASES]
+    + [c + (m,) for c in ACT_NONE_CASES for m in (1, 300)],
 )
 def test_act_quant(bits: int, mode: int, k: int, hb: int, n1: int, m: int) -> None:
     x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=k + mode + bits + m)
@@ -129,6 +132,8 @@ def _check_s8(q, s, c, q_ref, s_ref, c_ref, exact: bool, max_flips: float, scale
     "mode,k,hb,n1,m,dtype",
     [c + (m, torch.float16) for c in ACT_TC_CASES for m in ACT_TOKENS]
     + [c + (37, torch.float16) for c in ACT_SCALAR_CASES]
+    + [c + (m, dt) for c in ACT_NONE_CASES for m in (1, 300) for dt in (torch.float16, torch.bfloat16)]
+    + [(0, 4096, 0, 0, 37, torch.float32)]  # no transform, fp32: scalar kernel
     + [(2, 4096, 0, 64, 37, torch.bfloat16), (1, 4096, 4096, 0, 37, torch.float32)],  # scalar kernel: bf16/fp32
 )
 def test_act_quant_s8(mode: int, k: int, hb: int, n1: int, m: int, dtype: torch.dtype) -> None:
