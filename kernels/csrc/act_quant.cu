@@ -16,7 +16,8 @@
 //   T^T[j, :] = P2[:, j]^T X^T (A = P2^T fragments, B = X by ldmatrix), whose accumulators are exactly
 //   the B fragments of step 2, Y[:, j] = P1^T T[:, j] (no shuffles, nothing through shared memory).
 //   T is scaled by a power of two per unit first, so fp16 neither overflows nor loses low bits to subnormals.
-//   Precision, default FAST: plain fp16 P and T (2 products), v * (1 / scale) instead of the division; ~1% of
+//   Precision, default FAST: plain fp16 P and T (2 products), y * (2^-e * norm * (1 / scale)) instead of the
+//   division; ~1% of
 //   int8 codes land one step from the float64 reference's. (FlatQuant's reference kernel,
 //   deploy/kernels/kron_matmul.py, also multiplies fp16 operands with fp32 accumulation and an fp16
 //   intermediate.) Compensated (environment QAAS_ACT_QUANT_FAST=0, read once): P = P_hi + P_lo and
@@ -421,8 +422,9 @@ __device__ __forceinline__ int quant1(float v, float scale) {
   return (int)q;
 }
 
-// FAST mode: multiply by the token's reciprocal scale instead of the IEEE division (differs from the reference
-// only where v / scale lies within an ulp of a rounding tie), clamp, round-to-nearest-even conversion.
+// FAST mode: multiply by the token's reciprocal scale (folded with the unit's power-of-two * norm factor: one
+// product per value) instead of the IEEE division (differs from the reference only where v / scale lies within
+// an ulp or two of a rounding tie), clamp, round-to-nearest-even conversion.
 template <int QMAX>
 __device__ __forceinline__ int quant1_recip(float v, float inv_scale) {
   return __float2int_rn(fminf(fmaxf(v * inv_scale, (float)-QMAX), (float)QMAX));
@@ -497,75 +499,74 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     s_amax[tid] = 0u;
     s_sum[tid] = 0;
   }
-  // Fragment pairs: A elements (r, c) and (r, c + 1), c even, are adjacent halves, i.e. two consecutive rows of
-  // P2 (P2[b][j], P2[b + 1][j] = A(j, b), A(j, b + 1)) or of P1: warps take row pairs, lanes columns (coalesced
-  // loads, no divisions), all of a thread's loads issued before its stores (one global round trip per matrix).
+  // Staged in fragment order: one thread-iteration writes one lane's 8 halves of one 16 x 16 A tile (16 bytes):
+  // A rows {g, g + 8} x columns {2t, 2t + 1, 2t + 8, 2t + 9} of the tile, i.e. 8 loads from 2 columns of P (L2 /
+  // L1 resident after the first block) and one 16-byte store; 4 iterations' loads in flight at a time. (Element
+  // by element with integer index math this was ~20-30% of the kernel's instructions: H100 runs v7a, v7c.)
   {
-    constexpr int kPairs = 128 / 2 / kWarps, kCols = 128 / 32;
-    float pv[kPairs][kCols][2];
+    auto stage = [&](int NB, bool is_p2, __half* dh, __half* dl) {
+      const int total = NB * NB * 32;
+      for (int q0 = 0; q0 < total; q0 += 4 * kThreadsTc) {
+        float v[4][8];
 #pragma unroll
-    for (int i = 0; i < kPairs; ++i)
+        for (int it = 0; it < 4; ++it) {
+          const int q = q0 + it * kThreadsTc + tid;
+          const int tile = q >> 5, l = q & 31, gg = l >> 2, tt = l & 3;
+          const int rt = tile / NB, ct = tile - rt * NB;  // tile row (output block), tile column (k block)
+          // A row -> P column: P2 rows are output slots (physical column col_of_slot), P1 rows are plain
+          const int r0 = rt * 16 + (is_p2 ? ((gg >> 1) << 2) + (gg & 1) : gg);
+          const int r1 = rt * 16 + (is_p2 ? ((gg >> 1) << 2) + 2 + (gg & 1) : gg + 8);
+          const int k0 = ct * 16 + 2 * tt;
+          const int n = is_p2 ? n2 : n1;  // real extent (P1: rows / columns >= n1 are padding: zero)
+          const int ks[4] = {k0, k0 + 1, k0 + 8, k0 + 9};
 #pragma unroll
-      for (int cj = 0; cj < kCols; ++cj) {
-        const int b = 2 * (warp + kWarps * i), j = lane + 32 * cj;
-        const bool in = !had && b < n2 && j < n2;
-        pv[i][cj][0] = in ? __ldg(p2 + b * n2 + j) : 0.f;
-        pv[i][cj][1] = in ? __ldg(p2 + (b + 1) * n2 + j) : 0.f;
-      }
-#pragma unroll
-    for (int i = 0; i < kPairs; ++i)
-#pragma unroll
-      for (int cj = 0; cj < kCols; ++cj) {
-        const int b = 2 * (warp + kWarps * i), j = lane + 32 * cj;
-        if (b < n2 && j < n2) {
-          float p0 = pv[i][cj][0], p1v = pv[i][cj][1];
-          if (had) {
-            p0 = (__popc(b & j) & 1) ? -1.f : 1.f;
-            p1v = (__popc((b + 1) & j) & 1) ? -1.f : 1.f;
+          for (int h = 0; h < 8; ++h) {
+            const int k = ks[(h >> 2) * 2 + (h & 1)];    // halves: (r0,k0) (r0,k0+1) (r1,k0) (r1,k0+1) (r0,k0+8) ...
+            const int r = ((h >> 1) & 1) ? r1 : r0;
+            float pvv = 0.f;
+            if (q < total && r < n && k < n) {
+              if (had) pvv = (__popc(r & k) & 1) ? -1.f : 1.f;
+              else pvv = __ldg((is_p2 ? p2 : p1) + k * n + r);  // A(r, k) = P[k][r]
+            }
+            v[it][h] = pvv;
           }
-          const int idx = ((j >> 4) * NB2 + (b >> 4)) * 256 + afrag_pos(slot_of_col(j & 15), b & 15);
-          const __half2 h = __floats2half2_rn(p0, p1v);
-          *reinterpret_cast<__half2*>(sp2h + idx) = h;
-          if (lo) {
-            const float2 hf = __half22float2(h);
-            *reinterpret_cast<__half2*>(sp2l + idx) = __floats2half2_rn(p0 - hf.x, p1v - hf.y);
+        }
+#pragma unroll
+        for (int it = 0; it < 4; ++it) {
+          const int q = q0 + it * kThreadsTc + tid;
+          if (q < total) {
+            uint32_t hw[4], lw[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const __half2 hh = __floats2half2_rn(v[it][2 * e], v[it][2 * e + 1]);
+              hw[e] = h2_bits(hh);
+              const float2 hf = __half22float2(hh);
+              lw[e] = h2_bits(__floats2half2_rn(v[it][2 * e] - hf.x, v[it][2 * e + 1] - hf.y));
+            }
+            *reinterpret_cast<uint4*>(dh + (size_t)q * 8) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+            if (lo) *reinterpret_cast<uint4*>(dl + (size_t)q * 8) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
           }
         }
       }
-#pragma unroll
-    for (int i = 0; i < kPairs; ++i)
-#pragma unroll
-      for (int cj = 0; cj < kCols; ++cj) {
-        const int a = 2 * (warp + kWarps * i), ii = lane + 32 * cj;
-        const bool in = !had && ii < n1;  // rows a >= n1 (padding) are zero
-        pv[i][cj][0] = (in && a < n1) ? __ldg(p1 + a * n1 + ii) : 0.f;
-        pv[i][cj][1] = (in && a + 1 < n1) ? __ldg(p1 + (a + 1) * n1 + ii) : 0.f;
-      }
-#pragma unroll
-    for (int i = 0; i < kPairs; ++i)
-#pragma unroll
-      for (int cj = 0; cj < kCols; ++cj) {
-        const int a = 2 * (warp + kWarps * i), ii = lane + 32 * cj;
-        if (a < N1 && ii < N1) {
-          float p0 = pv[i][cj][0], p1v = pv[i][cj][1];
-          if (had) {
-            p0 = (__popc(a & ii) & 1) ? -1.f : 1.f;
-            p1v = (__popc((a + 1) & ii) & 1) ? -1.f : 1.f;
-          }
-          const int idx = ((ii >> 4) * NB1 + (a >> 4)) * 256 + afrag_pos(ii & 15, a & 15);
-          const __half2 h = __floats2half2_rn(p0, p1v);
-          *reinterpret_cast<__half2*>(sp1h + idx) = h;
-          if (lo) {
-            const float2 hf = __half22float2(h);
-            *reinterpret_cast<__half2*>(sp1l + idx) = __floats2half2_rn(p0 - hf.x, p1v - hf.y);
-          }
-        }
-      }
+    };
+    stage(NB2, true, sp2h, sp2l);
+    stage(NB1, false, sp1h, sp1l);
   }
   const float clip_ratio = __ldg(clip);
   // ldmatrix.x4 lane address inside a 16 x 16 X tile: matrices (rows 0-7, cols 0-7), (0-7, 8-15),
   // (8-15, 0-7), (8-15, 8-15) -> B fragments {r0, r1} of rows a 0-7 and {r2, r3} of rows a 8-15.
   const int lrow = (lane & 7) + ((lane >> 4) << 3), lcol = ((lane >> 3) & 1) << 3;
+
+  // A warp's units are the same every round (token tb of the round, chunk c, j-tile jt): decoded once.
+  int utb[RMAX], uc[RMAX], ujt[RMAX];
+#pragma unroll
+  for (int r = 0; r < RMAX; ++r) {
+    const int u = warp + r * kWarps;
+    utb[r] = u / U;
+    const int v = u - utb[r] * U;
+    uc[r] = v / NB2;
+    ujt[r] = v - uc[r] * NB2;
+  }
 
   int buf = 0;
   for (int round = blockIdx.x; round < nrounds; round += gridDim.x, buf ^= 1) {
@@ -585,8 +586,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     for (int r = 0; r < RMAX; ++r) {
       const int u = warp + r * kWarps;
       if (u < nunits) {
-        const int tb = u / U, v = u - tb * U;
-        const int c = v / NB2, jt = v - c * NB2;
+        const int tb = utb[r], c = uc[r], jt = ujt[r];
         // ---- step 1: acc[nt][.] = T^T[slots of jt][a = 8 nt ..], k over b
         float acc[2 * NB1][4];
 #pragma unroll
@@ -695,10 +695,9 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     for (int r = 0; r < RMAX; ++r) {
       const int u = warp + r * kWarps;
       if (u < nunits) {
-        const int tb = u / U, v = u - tb * U;
-        const int c = v / NB2, jt = v - c * NB2;
+        const int tb = utb[r], c = uc[r], jt = ujt[r];
         const float scale = fmaxf(__uint_as_float(s_amax[tb]) * clip_ratio / (float)QMAX, kEps);
-        const float inv_scale = 1.f / scale;  // FAST only
+        const float mul = ysc[r] * (1.f / scale);  // FAST only: (y * 2^-e * norm) / scale as one product
         const int e0 = c * n1 * n2 + jt * 16 + 4 * t;
         int rsum = 0;
 #pragma unroll
@@ -710,10 +709,10 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
             const int e = e0 + row * n2;  // physical columns 4t .. 4t+3 of row i
             int q0, q1, q2, q3;
             if constexpr (FAST) {
-              q0 = quant1_recip<QMAX>(y[r][mi][0][2 * hr] * ysc[r], inv_scale);
-              q1 = quant1_recip<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], inv_scale);
-              q2 = quant1_recip<QMAX>(y[r][mi][1][2 * hr] * ysc[r], inv_scale);
-              q3 = quant1_recip<QMAX>(y[r][mi][1][2 * hr + 1] * ysc[r], inv_scale);
+              q0 = quant1_recip<QMAX>(y[r][mi][0][2 * hr], mul);
+              q1 = quant1_recip<QMAX>(y[r][mi][0][2 * hr + 1], mul);
+              q2 = quant1_recip<QMAX>(y[r][mi][1][2 * hr], mul);
+              q3 = quant1_recip<QMAX>(y[r][mi][1][2 * hr + 1], mul);
             } else {
               q0 = quant1<QMAX>(y[r][mi][0][2 * hr] * ysc[r], scale);
               q1 = quant1<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], scale);

@@ -1,7 +1,6 @@
 """CPU emulation of ``act_quant_tc_kernel`` (kernels/csrc/act_quant.cu), statement by statement.
 
-It mirrors the kernel's index arithmetic (P fragment staging (element by element here; the kernel stores the
-adjacent pairs (r, c), (r, c + 1) of a fragment as one half2), the output-column slot permutation, the compact X
+It mirrors the kernel's index arithmetic (P fragment staging, 16 bytes of one lane's fragment at a time, the output-column slot permutation, the compact X
 rows and the zero row that padding rows read, the multiply-high row division, ldmatrix lane addressing, the m16n8k16 A/B/C fragment layouts of the PTX ISA, the code
 buffer and its write-out) and its arithmetic (fp16 operands, fp32 accumulation, hi/lo splits, the
 power-of-two scaling of T, true division and round-half-even), so that the index math can be checked
@@ -216,25 +215,34 @@ def act_quant_tc_sim(
 
         if block < nrounds:
             issue(block, 0)
-        for e in range(n2 * n2):
-            b, j = divmod(e, n2)
-            p = F32(-1.0 if bin(b & j).count("1") & 1 else 1.0) if had else p2f[e]
-            idx = ((j >> 4) * NB2 + (b >> 4)) * 256 + afrag_pos(slot_of_col(j & 15), b & 15)
-            h = F16(p)
-            sp2h[idx] = h
-            if lo:
-                sp2l[idx] = F16(p - F32(h))
-        for e in range(N1 * N1):
-            a, i = divmod(e, N1)
-            if had:
-                p = F32(-1.0 if bin(a & i).count("1") & 1 else 1.0)
-            else:
-                p = p1f[a * n1r + i] if a < n1r and i < n1r else F32(0.0)
-            idx = ((i >> 4) * NB1 + (a >> 4)) * 256 + afrag_pos(i & 15, a & 15)
-            h = F16(p)
-            sp1h[idx] = h
-            if lo:
-                sp1l[idx] = F16(p - F32(h))
+        # P staged in fragment order: thread-iteration q writes lane q % 32's 8 halves of A tile q // 32 (tile row
+        # rt, tile column ct): A rows {g, g + 8} (P2: output slots, i.e. physical columns col_of_slot) x columns
+        # {2t, 2t + 1, 2t + 8, 2t + 9}; A(r, k) = P[k][r]; P1 entries past n1 (padding) are zero
+        def stage(NB: int, is_p2: bool, dh: np.ndarray, dl: np.ndarray) -> None:
+            n, pf = (n2, p2f) if is_p2 else (n1r, p1f)
+            for q in range(NB * NB * 32):
+                tile, lane = q >> 5, q & 31
+                gg, tt = lane >> 2, lane & 3
+                rt, ct = divmod(tile, NB)
+                r0 = rt * 16 + ((((gg >> 1) << 2) + (gg & 1)) if is_p2 else gg)
+                r1 = rt * 16 + ((((gg >> 1) << 2) + 2 + (gg & 1)) if is_p2 else gg + 8)
+                k0 = ct * 16 + 2 * tt
+                ks = (k0, k0 + 1, k0 + 8, k0 + 9)
+                for hh in range(8):
+                    k = ks[(hh >> 2) * 2 + (hh & 1)]
+                    r = r1 if (hh >> 1) & 1 else r0
+                    if r < n and k < n:
+                        p = F32(-1.0 if bin(r & k).count("1") & 1 else 1.0) if had else pf[k * n + r]
+                    else:
+                        p = F32(0.0)
+                    h = F16(p)
+                    dh[q * 8 + hh] = h
+                    if lo:
+                        dl[q * 8 + hh] = F16(p - F32(h))
+
+        stage(NB2, True, sp2h, sp2l)
+        stage(NB1, False, sp1h, sp1l)
+        # (the layout is the one afrag_pos / slot_of_col describe: checked in test_act_quant_tc_sim)
         lrow = (LANE & 7) + ((LANE >> 4) << 3)
         lcol = ((LANE >> 3) & 1) << 3
 
@@ -323,8 +331,9 @@ def act_quant_tc_sim(
                             e = e0 + row * n2
                             # physical columns 4t .. 4t+3: slots (nj 0, 2t), (0, 2t+1), (1, 2t), (1, 2t+1)
                             vals = [yr[mi, nj, :, 2 * hr + k] for nj in range(2) for k in range(2)]
-                            if fast:  # reciprocal multiply, clamp, round half to even
-                                qs = [np.rint(np.clip((vv * s).astype(F32) * inv_scale, -QMAX, QMAX)).astype(np.int64)
+                            if fast:  # one product by (2^-e * norm) * (1 / scale), clamp, round half to even
+                                mul = F32(s * inv_scale)
+                                qs = [np.rint(np.clip((vv * mul).astype(F32), -QMAX, QMAX)).astype(np.int64)
                                       for vv in vals]
                             else:
                                 qs = [

@@ -110,3 +110,30 @@ def test_tc_emulation_fast_mode(mode, k, hb, n1, m, out) -> None:
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.03
     s = torch.from_numpy(scale.astype(np.float64))
     assert float((s - s_ref.double()).norm() / s_ref.double().norm()) < 2e-3
+
+
+def test_fragment_staging_layout() -> None:
+    """The fragment-order staging (lane's 8 halves from A rows {g, g+8} x columns {2t, 2t+1, 2t+8, 2t+9}, P2 rows
+    in output-slot order) lands every element where ``afrag_pos`` / ``slot_of_col`` (the m16n8k16 A layout and
+    the output-column permutation the rest of the kernel reads) say it should."""
+    from act_quant_tc_sim import afrag_pos, slot_of_col
+
+    def col_of_slot(s_: int) -> int:
+        return ((s_ & 7) >> 1) * 4 + (s_ >> 3) * 2 + (s_ & 1)
+
+    assert sorted(col_of_slot(s_) for s_ in range(16)) == list(range(16))
+    assert all(slot_of_col(col_of_slot(s_)) == s_ for s_ in range(16))
+    for is_p2 in (True, False):
+        seen = {}
+        for lane in range(32):
+            gg, tt = lane >> 2, lane & 3
+            r0 = (((gg >> 1) << 2) + (gg & 1)) if is_p2 else gg
+            r1 = (((gg >> 1) << 2) + 2 + (gg & 1)) if is_p2 else gg + 8
+            ks = (2 * tt, 2 * tt + 1, 2 * tt + 8, 2 * tt + 9)
+            for hh in range(8):
+                k = ks[(hh >> 2) * 2 + (hh & 1)]
+                r = r1 if (hh >> 1) & 1 else r0
+                row = slot_of_col(r) if is_p2 else r  # A row: P2 by output slot, P1 plain
+                assert afrag_pos(row, k) == lane * 8 + hh
+                seen[(r, k)] = True
+        assert len(seen) == 256  # every (row, column) of the 16 x 16 tile exactly once
