@@ -24,8 +24,9 @@
 //   T = T_hi + T_lo in fp16, Y ~= P1hi^T Thi + P1hi^T Tlo + P1lo^T Thi with T = X P2hi + X P2lo (Hadamard: P
 //   exact, only T is split), 5 products (Hadamard 3) and the true division: float32-accurate. H100, 2048x4096,
 //   Kronecker 64x64: 27 us FAST vs 38.5 us compensated (no transform: 18.5 us).
-//   Y stays in registers; per-token absmax by warp shuffles + shared atomics; codes are written to
-//   shared memory and leave with coalesced 16-byte stores.
+//   Y stays in registers; per-token absmax by warp redux + shared atomics; each lane stores its 4 consecutive
+//   codes of a row straight to global memory (a warp's j-tile and its neighbour's fill each 32-byte sector);
+//   a round's scales / row sums are written after the next round's barrier (double-buffered by parity).
 // * act_quant_vec_kernel (no transform, fp16 / bf16, K % 8 == 0, K <= 16384): one block of 128 threads per
 //   token, the row held in registers (16-byte loads), 8-byte code stores.
 // * act_quant_kernel (every other case: fp32 input, bf16 with a transform, other sizes): one block per row
@@ -433,11 +434,11 @@ __device__ __forceinline__ int quant1_recip(float v, float inv_scale) {
 // Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each), one zero
 // row (n2 + 8 halves), X for TB tokens x 2 buffers (the token's K / n2 rows of n2 halves, each padded by 8:
 // conflict-free ldmatrix; compact: row r of the token is row r here, so chunk c starts at row c * n1, and the
-// ldmatrix lanes of the padding rows n1..N1-1 of a chunk read the zero row), codes of TB tokens.
+// ldmatrix lanes of the padding rows n1..N1-1 of a chunk read the zero row).
 // N1 = n1 rounded up to a multiple of 16.
-__host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K, int CB) {
+__host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K) {
   return (size_t)2 * (N1 * N1 + n2 * n2) * (lo ? 2 : 1) + (size_t)(n2 + 8) * 2 +
-         (size_t)2 * TB * (K / n2) * (n2 + 8) * 2 + (size_t)TB * CB;
+         (size_t)2 * TB * (K / n2) * (n2 + 8) * 2;
 }
 
 template <int N1, int RMAX, bool FAST, int OUT>
@@ -447,6 +448,9 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
   constexpr int NB1 = N1 / 16;
   constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
+  // step 1's k loop (n2 / 16 iterations, runtime) unrolled so the next iterations' ldmatrix overlap this one's
+  // mma; by 2 only for the wide tiles (6-8 B fragments of 4 registers each per iteration)
+  constexpr int kKbUnroll = N1 > 64 ? 2 : 4;
   const bool lo = !FAST && !had;  // P split in hi + lo (Kronecker, compensated)
   const int NB2 = n2 >> 4;        // 16-blocks of n2 = j-tiles per chunk
   const int chunks = K / (n1 * n2);
@@ -462,9 +466,10 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   __half* sp1l = sp1h + N1 * N1;
   __half* szero = sp1h + (lo ? 2 : 1) * N1 * N1;  // one zero row: what padding rows of X read
   __half* sx = szero + xstr;
-  uint8_t* sc = reinterpret_cast<uint8_t*>(sx + 2 * TB * xtok);
-  __shared__ unsigned s_amax[kMaxTB];
-  __shared__ int s_sum[kMaxTB];
+  // token absmax / code sums, double-buffered by round parity: a round's values are written out (and cleared)
+  // after the next round's first barrier, so no barrier is needed between quantization and write-out
+  __shared__ unsigned s_amax[2][kMaxTB];
+  __shared__ int s_sum[2][kMaxTB];
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -496,8 +501,8 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   // Stage P2^T (step-1 A operand; rows j permuted by slot_of_col inside each 16-tile) and P1^T (step-2 A
   // operand) as fragment-ordered fp16: fragment (tile row, tile col) = 32 lanes x 8 halves, one lds.128.
   if (tid < kMaxTB) {
-    s_amax[tid] = 0u;
-    s_sum[tid] = 0;
+    s_amax[0][tid] = s_amax[1][tid] = 0u;
+    s_sum[0][tid] = s_sum[1][tid] = 0;
   }
   // Staged in fragment order: one thread-iteration writes one lane's 8 halves of one 16 x 16 A tile (16 bytes):
   // A rows {g, g + 8} x columns {2t, 2t + 1, 2t + 8, 2t + 9} of the tile, i.e. 8 loads from 2 columns of P (L2 /
@@ -568,12 +573,24 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     ujt[r] = v - uc[r] * NB2;
   }
 
+  // scales / corr of the previous round (parity pb), then its accumulators cleared for the round after next
+  int prev_m0 = 0, prev_nt = 0;
+  auto flush = [&](int pb) {
+    if (tid < prev_nt) {
+      scales[prev_m0 + tid] = fmaxf(__uint_as_float(s_amax[pb][tid]) * clip_ratio / (float)QMAX, kEps);
+      if constexpr (OUT == kOutS8) corr[prev_m0 + tid] = 128 * s_sum[pb][tid];
+      s_amax[pb][tid] = 0u;
+      s_sum[pb][tid] = 0;
+    }
+  };
+
   int buf = 0;
   for (int round = blockIdx.x; round < nrounds; round += gridDim.x, buf ^= 1) {
     if (round + (int)gridDim.x < nrounds) issue(round + gridDim.x, buf ^ 1);
     cp_async_commit();
     cp_async_wait1();
-    __syncthreads();  // (A) this round's rows (and, first time, P) visible to all warps
+    __syncthreads();  // (A) this round's rows (and, first time, P) visible; the previous round fully quantized
+    flush(buf ^ 1);   // (its accumulators are next used two rounds on, after that round's (A))
 
     const int m0 = round * TB;
     const int nt = min(TB, M - m0);
@@ -601,6 +618,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         }
         const __half* f2h = sp2h + (jt * NB2) * 256 + lane * 8;
         const __half* f2l = sp2l + (jt * NB2) * 256 + lane * 8;
+#pragma unroll kKbUnroll
         for (int kb = 0; kb < NB2; ++kb) {
           const uint4 va = lds128(f2h + kb * 256);
           const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
@@ -627,7 +645,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         for (int n = 0; n < 2 * NB1; ++n)
 #pragma unroll
           for (int q = 0; q < 4; ++q) mx = fmaxf(mx, fabsf(acc[n][q]));
-        mx = warp_max(mx);
+        mx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(mx)));  // |.| >= 0: uint order
         const int ebits = (__float_as_int(mx) >> 23) & 0xff;           // biased exponent of max|T|
         const int ef = min(max(268 - ebits, 27), 227);                  // biased exponent of f = 2^(141-E)
         const float f = __int_as_float(ef << 23), finv = __int_as_float((254 - ef) << 23);
@@ -684,19 +702,20 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           for (int ns = 0; ns < 2; ++ns)
 #pragma unroll
             for (int q = 0; q < 4; ++q) ym = fmaxf(ym, fabsf(y[r][mi][ns][q]));
-        ym = warp_max(ym);
-        if (lane == 0) atomicMax(&s_amax[tb], __float_as_uint(ym * ysc[r]));
+        ym = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(ym)));
+        if (lane == 0) atomicMax(&s_amax[buf][tb], __float_as_uint(ym * ysc[r]));
       }
     }
     __syncthreads();  // (B) token absmax complete
 
-    // ---- quantize from registers into the shared code buffer (global layout of the TB rows)
+    // ---- quantize from registers straight into the token rows in global memory
 #pragma unroll
     for (int r = 0; r < RMAX; ++r) {
       const int u = warp + r * kWarps;
       if (u < nunits) {
         const int tb = utb[r], c = uc[r], jt = ujt[r];
-        const float scale = fmaxf(__uint_as_float(s_amax[tb]) * clip_ratio / (float)QMAX, kEps);
+        const float scale = fmaxf(__uint_as_float(s_amax[buf][tb]) * clip_ratio / (float)QMAX, kEps);
+        uint8_t* crow = codes + (size_t)(m0 + tb) * CB;
         const float mul = ysc[r] * (1.f / scale);  // FAST only: (y * 2^-e * norm) / scale as one product
         const int e0 = c * n1 * n2 + jt * 16 + 4 * t;
         int rsum = 0;
@@ -722,38 +741,27 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
             if constexpr (OUT == kOutU4) {
               const uint32_t w = (uint32_t)(q0 + 8) | ((uint32_t)(q1 + 8) << 4) | ((uint32_t)(q2 + 8) << 8) |
                                  ((uint32_t)(q3 + 8) << 12);
-              *reinterpret_cast<uint16_t*>(sc + tb * CB + (e >> 1)) = (uint16_t)w;
+              *reinterpret_cast<uint16_t*>(crow + (e >> 1)) = (uint16_t)w;
             } else {
               const int z = OUT == kOutS8 ? 0 : 128;
               const uint32_t w = ((uint32_t)(q0 + z) & 0xffu) | (((uint32_t)(q1 + z) & 0xffu) << 8) |
                                  (((uint32_t)(q2 + z) & 0xffu) << 16) | (((uint32_t)(q3 + z) & 0xffu) << 24);
-              *reinterpret_cast<uint32_t*>(sc + tb * CB + e) = w;
+              *reinterpret_cast<uint32_t*>(crow + e) = w;
               if constexpr (OUT == kOutS8) rsum += q0 + q1 + q2 + q3;
             }
           }
         if constexpr (OUT == kOutS8) {
           rsum = __reduce_add_sync(0xffffffffu, rsum);
-          if (lane == 0) atomicAdd(&s_sum[tb], rsum);
+          if (lane == 0) atomicAdd(&s_sum[buf][tb], rsum);
         }
       }
     }
-    __syncthreads();  // (C) codes and row sums complete
-
-    // ---- write out: the nt rows are contiguous in global memory; 16-byte coalesced stores
-    {
-      const int nvec = nt * CB / 16;
-      uint4* dst = reinterpret_cast<uint4*>(codes + (size_t)m0 * CB);
-      const uint4* srcv = reinterpret_cast<const uint4*>(sc);
-      for (int q = tid; q < nvec; q += kThreadsTc) dst[q] = srcv[q];
-      if (tid < nt) {
-        scales[m0 + tid] = fmaxf(__uint_as_float(s_amax[tid]) * clip_ratio / (float)QMAX, kEps);
-        if constexpr (OUT == kOutS8) corr[m0 + tid] = 128 * s_sum[tid];
-        s_amax[tid] = 0u;
-        s_sum[tid] = 0;
-      }
-    }
-    // The next round's (A) barrier orders these reads of sc / s_amax before their next writes.
+    prev_m0 = m0;
+    prev_nt = nt;
   }
+  // the block's last round: its scales and sums once every warp has quantized
+  __syncthreads();
+  if (prev_nt > 0) flush(buf ^ 1);
   cp_async_wait0();
 }
 
@@ -808,7 +816,6 @@ bool make_plan(const at::Tensor& x, int mode, int hb, int n1, int n2, int out, i
   p.N1 = (p.n1 + 15) / 16 * 16;
   const int U = (K / (p.n1 * p.n2)) * (p.n2 / 16);  // units per token
   const bool lo = !fast_mode() && !p.had;
-  const int CB = out == kOutU4 ? K / 2 : K;
   // narrow first (two blocks per SM: shared memory of each <= half the SM's), else wide (one block)
   for (int narrow = wide_only() ? 0 : 1; narrow >= 0; --narrow) {
     const int rmax = narrow ? rmax_narrow(p.N1) : rmax_wide(p.N1);
@@ -817,11 +824,11 @@ bool make_plan(const at::Tensor& x, int mode, int hb, int n1, int n2, int out, i
     const size_t limit = narrow ? (size_t)smem_per_sm / 2 - 2048 : (size_t)smem_optin - 1024;
     const int blocks = sms * (narrow ? 2 : 1);
     int TB = std::max(1, std::min(std::min(kMaxTB, slots / U), (M + blocks - 1) / blocks));
-    while (TB > 1 && smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, CB) > limit) --TB;
-    if (smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, CB) > limit) continue;
+    while (TB > 1 && smem_bytes(p.N1, p.n1, p.n2, lo, TB, K) > limit) --TB;
+    if (smem_bytes(p.N1, p.n1, p.n2, lo, TB, K) > limit) continue;
     p.rmax = rmax;
     p.TB = TB;
-    p.smem = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, CB);
+    p.smem = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K);
     p.nrounds = (M + TB - 1) / TB;
     return true;
   }

@@ -32,9 +32,9 @@ def rmax_narrow(n1: int) -> int:
     return 64 // n1 if n1 <= 64 else (1 if n1 <= 96 else 0)
 
 
-def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int, CB: int) -> int:
-    # P fragments, one zero row, X (compact rows: K / n2 per token, n2 + 8 halves each) x 2 buffers, codes
-    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + (n2 + 8) * 2 + 2 * TB * (K // n2) * (n2 + 8) * 2 + TB * CB
+def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int) -> int:
+    # P fragments, one zero row, X (compact rows: K / n2 per token, n2 + 8 halves each) x 2 buffers
+    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + (n2 + 8) * 2 + 2 * TB * (K // n2) * (n2 + 8) * 2
 
 
 def slot_of_col(p):
@@ -122,7 +122,6 @@ def make_plan(
     n1_real, n1 = n1, (n1 + 15) // 16 * 16  # the kernel pads n1 to a multiple of 16 (N1)
     U = (K // (n1_real * n2)) * (n2 // 16)
     lo = (not fast) and not had
-    CB = K // 2 if out == OUT_U4 else K
     for narrow in ((0,) if wide_only else (1, 0)):
         rmax = rmax_narrow(n1) if narrow else rmax_wide(n1)
         slots = WARPS * rmax
@@ -131,12 +130,12 @@ def make_plan(
         limit = smem_per_sm // 2 - 2048 if narrow else smem_optin - 1024
         blocks = sms * (2 if narrow else 1)
         TB = max(1, min(min(MAX_TB, slots // U), (M + blocks - 1) // blocks))
-        while TB > 1 and smem_bytes(n1, n1_real, n2, lo, TB, K, CB) > limit:
+        while TB > 1 and smem_bytes(n1, n1_real, n2, lo, TB, K) > limit:
             TB -= 1
-        if smem_bytes(n1, n1_real, n2, lo, TB, K, CB) > limit:
+        if smem_bytes(n1, n1_real, n2, lo, TB, K) > limit:
             continue
         return dict(n1=n1, n1_real=n1_real, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB,
-                    nrounds=(M + TB - 1) // TB, smem=smem_bytes(n1, n1_real, n2, lo, TB, K, CB))
+                    nrounds=(M + TB - 1) // TB, smem=smem_bytes(n1, n1_real, n2, lo, TB, K))
     return None
 
 
@@ -196,7 +195,6 @@ def act_quant_tc_sim(
         sxz = np.full(xstr + 2 * TB * xtok, np.nan, F16)
         sxz[:xstr] = 0
         ZERO = 0  # offset of the zero row in sxz; X starts at xstr
-        sc = np.full(TB * CB, 0xCD, np.uint8)
         s_amax = np.zeros(MAX_TB, F32)
         s_sum = np.zeros(MAX_TB, np.int64)
 
@@ -340,23 +338,22 @@ def act_quant_tc_sim(
                                     np.clip(np.rint((vv * s).astype(F32) / scale), -QMAX, QMAX).astype(np.int64)
                                     for vv in vals
                                 ]
-                            base = tb * CB
+                            base = (m0 + tb) * CB  # straight into the token's row of the output
                             e, qs = e[keep], [qq[keep] for qq in qs]
                             if out == OUT_U4:
                                 w = (qs[0] + 8) | ((qs[1] + 8) << 4) | ((qs[2] + 8) << 8) | ((qs[3] + 8) << 12)
                                 assert np.all(e % 4 == 0)
-                                sc[base + (e >> 1)] = w & 0xFF
-                                sc[base + (e >> 1) + 1] = (w >> 8) & 0xFF
+                                codes[base + (e >> 1)] = w & 0xFF
+                                codes[base + (e >> 1) + 1] = (w >> 8) & 0xFF
                             else:
                                 z = 0 if out == OUT_S8 else 128
                                 for k in range(4):
-                                    sc[base + e + k] = (qs[k] + z) & 0xFF
+                                    codes[base + e + k] = (qs[k] + z) & 0xFF
                                 if out == OUT_S8:
                                     rsum += int(sum(int(qq.sum()) for qq in qs))
                     s_sum[tb] += rsum
-            # (C)
-            nvec = nt * CB // 16
-            codes[m0 * CB : m0 * CB + nvec * 16] = sc[: nvec * 16]
+            # scales / row sums of the round (the kernel writes them after the next round's barrier, or at the
+            # block's end; the accumulators are double-buffered by round parity, so the values are the same)
             for tid in range(nt):
                 scales[m0 + tid] = max(F32(F32(s_amax[tid] * clip_ratio) / F32(QMAX)), F32(1e-8))
                 corr[m0 + tid] = 128 * s_sum[tid]
