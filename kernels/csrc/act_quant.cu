@@ -674,10 +674,12 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           for (int ns = 0; ns < 2; ++ns) y[r][mi][ns][0] = y[r][mi][ns][1] = y[r][mi][ns][2] = y[r][mi][ns][3] = 0.f;
         const __half* f1h = sp1h + lane * 8;
         const __half* f1l = sp1l + lane * 8;
+        // ka outer: each step issues 2 * NB1 independent mma (one accumulation chain per output tile); every
+        // accumulator still sums over ka in order, as with mi outer
 #pragma unroll
-        for (int mi = 0; mi < NB1; ++mi)
+        for (int ka = 0; ka < NB1; ++ka)
 #pragma unroll
-          for (int ka = 0; ka < NB1; ++ka) {
+          for (int mi = 0; mi < NB1; ++mi) {
             const uint4 va = lds128(f1h + (mi * NB1 + ka) * 256);
             const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
             mma16816(y[r][mi][0], ah, th[ka][0][0], th[ka][0][1]);
