@@ -10,7 +10,7 @@
 //   Y = P1^T X P2 (Kronecker: the whole row, x @ kron(P1, P2); Hadamard: each hb block, P1 = H_n1,
 //   P2 = H_n2 as +-1 Sylvester matrices, since H_{n1 n2} = H_n1 (x) H_n2, then * 1/sqrt(hb) in fp32).
 //   Persistent blocks of 8 warps take TB tokens per round; rows arrive in shared memory by cp.async
-//   (16 bytes, 3 buffers where shared memory allows, else 2: the next rounds load while this one computes; compact rows, padding rows of a
+//   (16 bytes, double-buffered: the next round loads while this one computes; compact rows, padding rows of a
 //   chunk read one shared zero row); P1, P2 are staged once per block as fp16 fragments (coalesced, no
 //   divisions: on H100 run v7a integer index math was ~45% of the kernel's instructions). A warp "unit" is (token, chunk, 16 output columns j): step 1 computes
 //   T^T[j, :] = P2[:, j]^T X^T (A = P2^T fragments, B = X by ldmatrix), whose accumulators are exactly
@@ -391,7 +391,6 @@ __device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gptr) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait2() { asm volatile("cp.async.wait_group 2;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ uint4 lds128(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
@@ -437,15 +436,15 @@ __device__ __forceinline__ int quant1_recip(float v, float inv_scale) {
 // conflict-free ldmatrix; compact: row r of the token is row r here, so chunk c starts at row c * n1, and the
 // ldmatrix lanes of the padding rows n1..N1-1 of a chunk read the zero row).
 // N1 = n1 rounded up to a multiple of 16.
-__host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K, int stages) {
+__host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K) {
   return (size_t)2 * (N1 * N1 + n2 * n2) * (lo ? 2 : 1) + (size_t)(n2 + 8) * 2 +
-         (size_t)stages * TB * (K / n2) * (n2 + 8) * 2;
+         (size_t)2 * TB * (K / n2) * (n2 + 8) * 2;
 }
 
 template <int N1, int RMAX, bool FAST, int OUT>
 __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc_kernel(
     const __half* __restrict__ x, int M, int K, int n1, int n2, int had, const float* __restrict__ clip,
-    const float* __restrict__ p1, const float* __restrict__ p2, float norm, int TB, int nrounds, int stages,
+    const float* __restrict__ p1, const float* __restrict__ p2, float norm, int TB, int nrounds,
     uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
   constexpr int NB1 = N1 / 16;
   constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
@@ -496,11 +495,8 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     }
   };
   for (int q = tid; q < xstr; q += kThreadsTc) szero[q] = __float2half_rn(0.f);
-  // prologue: the block's first stages - 1 rounds in flight (one commit group each, empty past the end)
-  for (int k = 0; k < stages - 1; ++k) {
-    if ((int)blockIdx.x + k * (int)gridDim.x < nrounds) issue(blockIdx.x + k * gridDim.x, k);
-    cp_async_commit();
-  }
+  if ((int)blockIdx.x < nrounds) issue(blockIdx.x, 0);
+  cp_async_commit();
 
   // Stage P2^T (step-1 A operand; rows j permuted by slot_of_col inside each 16-tile) and P1^T (step-2 A
   // operand) as fragment-ordered fp16: fragment (tile row, tile col) = 32 lanes x 8 halves, one lds.128.
@@ -588,22 +584,18 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     }
   };
 
-  // sb: this round's X buffer (of `stages`); buf: round parity (s_amax / s_sum)
-  int buf = 0, sb = 0;
-  for (int round = blockIdx.x; round < nrounds; round += gridDim.x, buf ^= 1, sb = sb + 1 == stages ? 0 : sb + 1) {
-    // stages - 1 rounds ahead, into the previous round's buffer (every warp left it at that round's (B))
-    const int ahead = round + (stages - 1) * (int)gridDim.x;
-    if (ahead < nrounds) issue(ahead, sb == 0 ? stages - 1 : sb - 1);
+  int buf = 0;
+  for (int round = blockIdx.x; round < nrounds; round += gridDim.x, buf ^= 1) {
+    if (round + (int)gridDim.x < nrounds) issue(round + gridDim.x, buf ^ 1);
     cp_async_commit();
-    if (stages == 3) cp_async_wait2();  // this round's group complete, the stages - 1 newer ones may pend
-    else cp_async_wait1();
+    cp_async_wait1();
     __syncthreads();  // (A) this round's rows (and, first time, P) visible; the previous round fully quantized
     flush(buf ^ 1);   // (its accumulators are next used two rounds on, after that round's (A))
 
     const int m0 = round * TB;
     const int nt = min(TB, M - m0);
     const int nunits = nt * U;
-    const uint32_t xb = sx_addr + (uint32_t)(sb * TB * xtok) * 2u;
+    const uint32_t xb = sx_addr + (uint32_t)(buf * TB * xtok) * 2u;
 
     float y[RMAX][NB1][2][4];  // Y[16 mi + g (+8)][slot 8 nj + 2t (+1)] per unit, unscaled
     float ysc[RMAX];           // 2^-e * norm per unit
@@ -776,7 +768,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
 }
 
 struct Plan {
-  int n1 = 0, N1 = 0, n2 = 0, had = 0, rmax = 0, TB = 0, nrounds = 0, stages = 2;  // N1: n1 padded to 16
+  int n1 = 0, N1 = 0, n2 = 0, had = 0, rmax = 0, TB = 0, nrounds = 0;  // N1: n1 padded to a multiple of 16
   float norm = 1.f;
   size_t smem = 0;
 };
@@ -834,13 +826,11 @@ bool make_plan(const at::Tensor& x, int mode, int hb, int n1, int n2, int out, i
     const size_t limit = narrow ? (size_t)smem_per_sm / 2 - 2048 : (size_t)smem_optin - 1024;
     const int blocks = sms * (narrow ? 2 : 1);
     int TB = std::max(1, std::min(std::min(kMaxTB, slots / U), (M + blocks - 1) / blocks));
-    while (TB > 1 && smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, 2) > limit) --TB;
-    if (smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, 2) > limit) continue;
+    while (TB > 1 && smem_bytes(p.N1, p.n1, p.n2, lo, TB, K) > limit) --TB;
+    if (smem_bytes(p.N1, p.n1, p.n2, lo, TB, K) > limit) continue;
     p.rmax = rmax;
     p.TB = TB;
-    // a third X buffer where it fits: two rounds in flight while one computes
-    p.stages = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, 3) <= limit ? 3 : 2;
-    p.smem = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, p.stages);
+    p.smem = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K);
     p.nrounds = (M + TB - 1) / TB;
     return true;
   }
@@ -876,7 +866,7 @@ void launch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, con
   const int grid = std::max(1, std::min(p.nrounds, sms * occ));
   kernel<<<grid, kThreadsTc, p.smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __half*>(x.data_ptr()), (int)x.size(0), (int)x.size(1), p.n1, p.n2, p.had,
-      clip.data_ptr<float>(), p1, p2, p.norm, p.TB, p.nrounds, p.stages, codes, scales, corr);
+      clip.data_ptr<float>(), p1, p2, p.norm, p.TB, p.nrounds, codes, scales, corr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -32,9 +32,9 @@ def rmax_narrow(n1: int) -> int:
     return 64 // n1 if n1 <= 64 else (1 if n1 <= 96 else 0)
 
 
-def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int, stages: int = 2) -> int:
-    # P fragments, one zero row, X (compact rows: K / n2 per token, n2 + 8 halves each) x `stages` buffers
-    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + (n2 + 8) * 2 + stages * TB * (K // n2) * (n2 + 8) * 2
+def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int) -> int:
+    # P fragments, one zero row, X (compact rows: K / n2 per token, n2 + 8 halves each) x 2 buffers
+    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + (n2 + 8) * 2 + 2 * TB * (K // n2) * (n2 + 8) * 2
 
 
 def slot_of_col(p):
@@ -134,9 +134,8 @@ def make_plan(
             TB -= 1
         if smem_bytes(n1, n1_real, n2, lo, TB, K) > limit:
             continue
-        stages = 3 if smem_bytes(n1, n1_real, n2, lo, TB, K, 3) <= limit else 2
-        return dict(n1=n1, n1_real=n1_real, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB, stages=stages,
-                    nrounds=(M + TB - 1) // TB, smem=smem_bytes(n1, n1_real, n2, lo, TB, K, stages))
+        return dict(n1=n1, n1_real=n1_real, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB,
+                    nrounds=(M + TB - 1) // TB, smem=smem_bytes(n1, n1_real, n2, lo, TB, K))
     return None
 
 
@@ -193,8 +192,7 @@ def act_quant_tc_sim(
         sp1l = np.full(N1 * N1, np.nan, F16)
         # the zero row sits right before X (ldmatrix rows of the padding rows n1..N1-1 read it), then X: 2 buffers
         # of TB tokens of K / n2 compact rows (chunk c starts at row c * n1)
-        S = plan["stages"]
-        sxz = np.full(xstr + S * TB * xtok, np.nan, F16)
+        sxz = np.full(xstr + 2 * TB * xtok, np.nan, F16)
         sxz[:xstr] = 0
         ZERO = 0  # offset of the zero row in sxz; X starts at xstr
         s_amax = np.zeros(MAX_TB, F32)
@@ -215,9 +213,6 @@ def act_quant_tc_sim(
 
         if block < nrounds:
             issue(block, 0)
-        for k in range(1, S - 1):  # prologue: stages - 1 rounds in flight
-            if block + k * grid < nrounds:
-                issue(block + k * grid, k)
         # P staged in fragment order: thread-iteration q writes lane q % 32's 8 halves of A tile q // 32 (tile row
         # rt, tile column ct): A rows {g, g + 8} (P2: output slots, i.e. physical columns col_of_slot) x columns
         # {2t, 2t + 1, 2t + 8, 2t + 9}; A(r, k) = P[k][r]; P1 entries past n1 (padding) are zero
@@ -249,15 +244,15 @@ def act_quant_tc_sim(
         lrow = (LANE & 7) + ((LANE >> 4) << 3)
         lcol = ((LANE >> 3) & 1) << 3
 
-        sb = 0  # this round's X buffer
+        buf = 0
         rnd = block
         while rnd < nrounds:
-            if rnd + (S - 1) * grid < nrounds:  # S - 1 rounds ahead, into the previous round's buffer
-                issue(rnd + (S - 1) * grid, (sb - 1) % S)
+            if rnd + grid < nrounds:
+                issue(rnd + grid, buf ^ 1)
             m0 = rnd * TB
             nt = min(TB, M - m0)
             nunits = nt * U
-            xb = xstr + sb * TB * xtok
+            xb = xstr + buf * TB * xtok
             y = {}
             ysc = {}
             for warp in range(WARPS):
@@ -364,7 +359,7 @@ def act_quant_tc_sim(
                 corr[m0 + tid] = 128 * s_sum[tid]
                 s_amax[tid] = 0
                 s_sum[tid] = 0
-            sb = (sb + 1) % S
+            buf ^= 1
             rnd += grid
 
     codes = codes.reshape(M, CB)
