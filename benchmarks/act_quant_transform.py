@@ -1,0 +1,73 @@
+"""The online transform's extra cost in ``act_quant_s8`` alone, 2048 tokens, LLaMA-7B activation widths.
+
+For K = 4096 (Kronecker 64 x 64, Hadamard 4096) and K = 11008 (Kronecker 86 x 128, Hadamard block 256): the
+per-token int8 quantization without a transform, with each transform, and the difference (what the transform
+adds). CUDA-graph-replayed medians over eight input copies (``benchmarks.kernels.bench``). Run on a CUDA machine:
+``python -m benchmarks.act_quant_transform --out DIR`` (prints a table, saves ``act_quant_transform.{json,md}``).
+The environment switches of the kernel (``QAAS_ACT_QUANT_WIDE=1`` and the others in kernels/csrc/act_quant.cu)
+are read once per process: set them on the command line to time a variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import kernels
+from benchmarks.kernels import bench
+from kernels import dispatch
+from quant.transforms.kronecker import kron_factors
+
+TOKENS = 2048
+WIDTHS = (4096, 11008)
+COPIES = 8
+
+
+def measure(k: int, gen: torch.Generator) -> list[dict]:
+    ext = kernels._ext.extension()
+    clip = torch.tensor(0.95, device="cuda")
+    n1, n2 = kron_factors(k)
+    p1 = torch.randn(n1, n1, generator=gen, device="cuda") / n1**0.5 + torch.eye(n1, device="cuda")
+    p2 = torch.randn(n2, n2, generator=gen, device="cuda") / n2**0.5 + torch.eye(n2, device="cuda")
+    hb = dispatch.hadamard_block_for(k)
+    xs = [torch.randn(TOKENS, k, generator=gen, device="cuda").half() for _ in range(COPIES)]
+    kinds = [("none", 0, 0, None, None), (f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{n2}", 2, 0, p1, p2)]
+    rows: list[dict] = []
+    base = None
+    for name, mode, hb_, a, b in kinds:
+        t = bench([lambda x=x, mode=mode, hb_=hb_, a=a, b=b: ext.act_quant_s8(x, clip, mode, hb_, a, b) for x in xs])
+        if base is None:
+            base = t
+        rows.append(dict(K=k, M=TOKENS, transform=name, us=t, extra_us=t - base))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    assert kernels.available(), kernels.unavailable_reason()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    env = {k: v for k, v in os.environ.items() if k.startswith("QAAS_ACT_QUANT")}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = [r for k in WIDTHS for r in measure(k, gen)]
+    lines = [
+        f"Device: {device}. act_quant_s8 alone, {TOKENS} tokens, fp16 input; switches: {env or 'defaults'}.",
+        "",
+        "| K | transform | time (us) | extra over none (us) |",
+        "|---|---|---|---|",
+    ] + [f"| {r['K']} | {r['transform']} | {r['us']:.1f} | {r['extra_us']:.1f} |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    (out / "act_quant_transform.json").write_text(json.dumps({"device": device, "env": env, "rows": rows}, indent=1))
+    (out / "act_quant_transform.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
