@@ -324,7 +324,40 @@ def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
         rows.append(dict(kernel=f"LAYER ESTIMATE [{label}] = [none] layers + transform's extra act_quant time", K=0, N=0,
                          M=m, us=totals["none"] + extra, transform_overhead_pct=100.0 * extra / (totals["none"] + extra)))
     rows.append(dict(kernel="LAYER TOTAL (4 groups) fp16 cuBLAS", us=totals["fp16"], K=0, N=0, M=m))
+    # The rest of the decoder layer, the same with or without quantization (fp16): causal SDPA attention over m
+    # tokens (32 heads x 128), two RMSNorms, SwiGLU's silu * mul, two residual adds. The transform's share of the
+    # whole decoder layer (a second, wider denominator; the rows above divide by the quantized matmuls alone).
+    t_rest = _rest_of_decoder_layer_us(m, gen)
+    rows.append(dict(kernel="REST OF DECODER LAYER fp16 (SDPA causal attention, 2 RMSNorm, SiLU*mul, 2 adds)", K=0, N=0,
+                     M=m, us=t_rest))
+    for label in ("hadamard", "kronecker"):
+        extra = totals[f"aq_extra_{label}"]
+        full = totals["none"] + t_rest + extra
+        rows.append(dict(kernel=f"DECODER LAYER ESTIMATE [{label}] = [none] matmul groups + rest + transform's extra",
+                         K=0, N=0, M=m, us=full, transform_overhead_pct=100.0 * extra / full))
     return rows
+
+
+def _rest_of_decoder_layer_us(m: int, gen: torch.Generator, hidden: int = 4096, heads: int = 32,
+                              mlp: int = 11008) -> float:
+    """fp16 time of a LLaMA-7B decoder layer's non-matmul work at ``m`` tokens (CUDA-graph medians)."""
+    dev = "cuda"
+    hd = hidden // heads
+    q, k, v = (torch.randn(1, heads, m, hd, generator=gen, device=dev).half() for _ in range(3))
+    x = torch.randn(m, hidden, generator=gen, device=dev).half()
+    r = torch.randn(m, hidden, generator=gen, device=dev).half()
+    g = torch.randn(m, mlp, generator=gen, device=dev).half()
+    u = torch.randn(m, mlp, generator=gen, device=dev).half()
+    w = torch.ones(hidden, device=dev).half()
+
+    def rest() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        for _ in range(2):
+            F.rms_norm(x, (hidden,), w, 1e-6)
+            torch.add(x, r)
+        F.silu(g) * u
+
+    return bench([rest])
 
 
 def layer_markdown(rows: list[dict], device: str) -> str:
