@@ -3,8 +3,8 @@
 // Two kernels compute the same function:
 //
 // * act_quant_tc_kernel (fp16 input; Kronecker with 16 <= n1 <= 128 and n2 a multiple of 16 <= 128 (n1 is
-//   padded to N1, the next multiple of 16: zero rows of X in shared memory, zero rows/columns of P1, padded
-//   output rows never written); block Hadamard of
+//   padded to N1, the next multiple of 16: padding rows of X read one shared zero row, zero rows/columns of P1,
+//   padded output rows never written); block Hadamard of
 //   a power-of-two size 256 <= hb <= 16384): the transform on tensor cores (mma.sync m16n8k16, fp16 x
 //   fp16 -> fp32). A chunk of n1 * n2 consecutive row elements, reshaped X [n1, n2], becomes
 //   Y = P1^T X P2 (Kronecker: the whole row, x @ kron(P1, P2); Hadamard: each hb block, P1 = H_n1,
