@@ -397,14 +397,11 @@ __device__ __forceinline__ uint4 lds128(const __half* p) { return *reinterpret_c
 
 // Output-column permutation inside a 16-column tile: the accumulator slot s = 8*nj + 2*t + e (n-tile nj,
 // lane t, element e) holds physical column 4*t + 2*nj + e, so a lane's four values of one row are four
-// consecutive columns. slot_of_col is its inverse (physical column p -> slot).
-__device__ __forceinline__ int slot_of_col(int p) { return ((p >> 1) & 1) * 8 + (p >> 2) * 2 + (p & 1); }
+// consecutive columns. Step 1's A rows are slots: row s of a P2 tile is physical column col_of_slot(s).
+__device__ __forceinline__ int col_of_slot(int s) { return ((s & 7) >> 1) * 4 + (s >> 3) * 2 + (s & 1); }
 
-// Position (lane * 8 + h) of element (r, c) of a 16x16 m16n8k16 A tile in its fragment-ordered copy:
-// lane (g, t) holds {(g,2t),(g,2t+1)}, {(g+8,2t),(g+8,2t+1)}, {(g,2t+8),(g,2t+9)}, {(g+8,2t+8),(g+8,2t+9)}.
-__device__ __forceinline__ int afrag_pos(int r, int c) {
-  return ((r & 7) * 4 + ((c & 7) >> 1)) * 8 + (c >> 3) * 4 + (r >> 3) * 2 + (c & 1);
-}
+// Fragment-ordered copy of a 16x16 m16n8k16 A tile: lane (g, t) holds 8 halves, {(g,2t),(g,2t+1)},
+// {(g+8,2t),(g+8,2t+1)}, {(g,2t+8),(g,2t+9)}, {(g+8,2t+8),(g+8,2t+9)} = its registers a0..a3 (one lds.128).
 
 __device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
@@ -498,12 +495,12 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   if ((int)blockIdx.x < nrounds) issue(blockIdx.x, 0);
   cp_async_commit();
 
-  // Stage P2^T (step-1 A operand; rows j permuted by slot_of_col inside each 16-tile) and P1^T (step-2 A
-  // operand) as fragment-ordered fp16: fragment (tile row, tile col) = 32 lanes x 8 halves, one lds.128.
   if (tid < kMaxTB) {
     s_amax[0][tid] = s_amax[1][tid] = 0u;
     s_sum[0][tid] = s_sum[1][tid] = 0;
   }
+  // Stage P2^T (step-1 A operand; rows are output slots inside each 16-tile) and P1^T (step-2 A operand) as
+  // fragment-ordered fp16: fragment (tile row, tile col) = 32 lanes x 8 halves.
   // Staged in fragment order: one thread-iteration writes one lane's 8 halves of one 16 x 16 A tile (16 bytes):
   // A rows {g, g + 8} x columns {2t, 2t + 1, 2t + 8, 2t + 9} of the tile, i.e. 8 loads from 2 columns of P (L2 /
   // L1 resident after the first block) and one 16-byte store; 4 iterations' loads in flight at a time. (Element
@@ -519,8 +516,8 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           const int tile = q >> 5, l = q & 31, gg = l >> 2, tt = l & 3;
           const int rt = tile / NB, ct = tile - rt * NB;  // tile row (output block), tile column (k block)
           // A row -> P column: P2 rows are output slots (physical column col_of_slot), P1 rows are plain
-          const int r0 = rt * 16 + (is_p2 ? ((gg >> 1) << 2) + (gg & 1) : gg);
-          const int r1 = rt * 16 + (is_p2 ? ((gg >> 1) << 2) + 2 + (gg & 1) : gg + 8);
+          const int r0 = rt * 16 + (is_p2 ? col_of_slot(gg) : gg);
+          const int r1 = rt * 16 + (is_p2 ? col_of_slot(gg + 8) : gg + 8);
           const int k0 = ct * 16 + 2 * tt;
           const int n = is_p2 ? n2 : n1;  // real extent (P1: rows / columns >= n1 are padding: zero)
           const int ks[4] = {k0, k0 + 1, k0 + 8, k0 + 9};
@@ -542,12 +539,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           if (q < total) {
             uint32_t hw[4], lw[4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const __half2 hh = __floats2half2_rn(v[it][2 * e], v[it][2 * e + 1]);
-              hw[e] = h2_bits(hh);
-              const float2 hf = __half22float2(hh);
-              lw[e] = h2_bits(__floats2half2_rn(v[it][2 * e] - hf.x, v[it][2 * e + 1] - hf.y));
-            }
+            for (int e = 0; e < 4; ++e) split_pair(v[it][2 * e], v[it][2 * e + 1], hw[e], lw[e]);
             *reinterpret_cast<uint4*>(dh + (size_t)q * 8) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
             if (lo) *reinterpret_cast<uint4*>(dl + (size_t)q * 8) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
           }
