@@ -41,6 +41,11 @@ def slot_of_col(p):
     return ((p >> 1) & 1) * 8 + (p >> 2) * 2 + (p & 1)
 
 
+def col_of_slot(s):
+    """Physical column of output slot s (the kernel's col_of_slot; the inverse of slot_of_col)."""
+    return ((s & 7) >> 1) * 4 + (s >> 3) * 2 + (s & 1)
+
+
 def afrag_pos(r, c):
     return ((r & 7) * 4 + ((c & 7) >> 1)) * 8 + (c >> 3) * 4 + (r >> 3) * 2 + (c & 1)
 
@@ -222,8 +227,8 @@ def act_quant_tc_sim(
                 tile, lane = q >> 5, q & 31
                 gg, tt = lane >> 2, lane & 3
                 rt, ct = divmod(tile, NB)
-                r0 = rt * 16 + ((((gg >> 1) << 2) + (gg & 1)) if is_p2 else gg)
-                r1 = rt * 16 + ((((gg >> 1) << 2) + 2 + (gg & 1)) if is_p2 else gg + 8)
+                r0 = rt * 16 + (col_of_slot(gg) if is_p2 else gg)
+                r1 = rt * 16 + (col_of_slot(gg + 8) if is_p2 else gg + 8)
                 k0 = ct * 16 + 2 * tt
                 ks = (k0, k0 + 1, k0 + 8, k0 + 9)
                 for hh in range(8):

@@ -116,10 +116,7 @@ def test_fragment_staging_layout() -> None:
     """The fragment-order staging (lane's 8 halves from A rows {g, g+8} x columns {2t, 2t+1, 2t+8, 2t+9}, P2 rows
     in output-slot order) lands every element where ``afrag_pos`` / ``slot_of_col`` (the m16n8k16 A layout and
     the output-column permutation the rest of the kernel reads) say it should."""
-    from act_quant_tc_sim import afrag_pos, slot_of_col
-
-    def col_of_slot(s_: int) -> int:
-        return ((s_ & 7) >> 1) * 4 + (s_ >> 3) * 2 + (s_ & 1)
+    from act_quant_tc_sim import afrag_pos, col_of_slot, slot_of_col
 
     assert sorted(col_of_slot(s_) for s_ in range(16)) == list(range(16))
     assert all(slot_of_col(col_of_slot(s_)) == s_ for s_ in range(16))
@@ -127,8 +124,8 @@ def test_fragment_staging_layout() -> None:
         seen = {}
         for lane in range(32):
             gg, tt = lane >> 2, lane & 3
-            r0 = (((gg >> 1) << 2) + (gg & 1)) if is_p2 else gg
-            r1 = (((gg >> 1) << 2) + 2 + (gg & 1)) if is_p2 else gg + 8
+            r0 = col_of_slot(gg) if is_p2 else gg
+            r1 = col_of_slot(gg + 8) if is_p2 else gg + 8
             ks = (2 * tt, 2 * tt + 1, 2 * tt + 8, 2 * tt + 9)
             for hh in range(8):
                 k = ks[(hh >> 2) * 2 + (hh & 1)]

@@ -42,7 +42,7 @@ ACT_TC_CASES = [
     (1, 11008, 256, 0),  # Hadamard 256 = H_16 (x) H_16, 43 chunks per row (43 units over 8 warps)
     (2, 4096, 0, 64),  # Kronecker 64 x 64
     (2, 4096, 0, 128),  # Kronecker 128 x 32 (rectangular, n1 > n2)
-    (2, 11008, 0, 86),  # Kronecker 86 x 128: n1 padded to 96 (zero rows), 8 units per token
+    (2, 11008, 0, 86),  # Kronecker 86 x 128: n1 padded to 96 (a shared zero row), 8 units per token
     (2, 2560, 0, 20),  # Kronecker 20 x 128: n1 padded to 32
 ]
 # no transform: the vectorised kernel (fp16 / bf16, K % 8 == 0, K <= 16384; 1..16 16-byte vectors per thread,
