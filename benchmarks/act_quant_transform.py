@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from benchmarks.kernels import bench
-from kernels import dispatch
-from quant.transforms.kronecker import kron_factors
+from benchmarks.kernels import bench, transform_cases
 
 TOKENS = 2048
 WIDTHS = (4096, 11008)
@@ -30,12 +28,8 @@ COPIES = 8
 def measure(k: int, gen: torch.Generator) -> list[dict]:
     ext = kernels._ext.extension()
     clip = torch.tensor(0.95, device="cuda")
-    n1, n2 = kron_factors(k)
-    p1 = torch.randn(n1, n1, generator=gen, device="cuda") / n1**0.5 + torch.eye(n1, device="cuda")
-    p2 = torch.randn(n2, n2, generator=gen, device="cuda") / n2**0.5 + torch.eye(n2, device="cuda")
-    hb = dispatch.hadamard_block_for(k)
+    kinds = transform_cases(k, gen)
     xs = [torch.randn(TOKENS, k, generator=gen, device="cuda").half() for _ in range(COPIES)]
-    kinds = [("none", 0, 0, None, None), (f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{n2}", 2, 0, p1, p2)]
     rows: list[dict] = []
     base = None
     for name, mode, hb_, a, b in kinds:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import dispatch
 from quant.quantizers.packing import pack_int4
+from quant.transforms.kronecker import kron_factors
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 TOKENS = [1, 16, 2048]
@@ -91,6 +92,20 @@ W4A16_VARIANTS = ["4 warps x 4 blocks, double-buffered (v4)", "8 warps x 4 block
                   "smem streaming, 16-byte cp.async, PDL"]
 
 
+TransformCase = tuple[str, int, int, "torch.Tensor | None", "torch.Tensor | None"]
+
+
+def transform_cases(k: int, gen: torch.Generator) -> list[TransformCase]:
+    """(label, mode, hadamard block, p1, p2) for act_quant on rows of ``k``: no transform, the block Hadamard the
+    dispatcher picks for ``k``, and a Kronecker transform of ``kron_factors(k)`` (identity + random, as learned
+    FlatQuant transforms are near-identity), drawn on the GPU from ``gen`` (p1 then p2)."""
+    n1, n2 = kron_factors(k)
+    p1 = torch.randn(n1, n1, generator=gen, device="cuda") / n1**0.5 + torch.eye(n1, device="cuda")
+    p2 = torch.randn(n2, n2, generator=gen, device="cuda") / n2**0.5 + torch.eye(n2, device="cuda")
+    hb = dispatch.hadamard_block_for(k)
+    return [("none", 0, 0, None, None), (f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{n2}", 2, 0, p1, p2)]
+
+
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:
     """Rows for one (K, N, M). ``gen`` is a CUDA generator: inputs are drawn on the GPU (fresh random
     data, never zeros)."""
@@ -143,11 +158,7 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
         torch.cuda.empty_cache()
 
     clip = torch.tensor(0.95, device=dev)
-    hb = dispatch.hadamard_block_for(k)
-    n1 = {4096: 64, 11008: 86}[k]
-    p1 = randn(n1, n1) / n1**0.5 + torch.eye(n1, device=dev)
-    p2 = randn(k // n1, k // n1) / (k // n1) ** 0.5 + torch.eye(k // n1, device=dev)
-    transforms = [(f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{k // n1}", 2, 0, p1, p2)]
+    transforms = transform_cases(k, gen)[1:]
 
     # W8A8 on Hopper wgmma (CUTLASS collective + qaas epilogue) -------------------------------------
     if "sm90" in sections and ext.has_sm90_gemm():
@@ -257,19 +268,13 @@ def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
     the layer's quantized-matmul time (attention and norms excluded: a conservative denominator). Two readings:
     the direct one (medians of interleaved layer timings) and an additive estimate (the no-transform layers plus
     the transform's extra ``act_quant_s8`` time, measured alone: steadier, since the kernels run back to back)."""
-    from quant.transforms.kronecker import kron_factors
-
     dev = "cuda"
     ext = kernels._ext.extension()
     rows: list[dict] = []
     clip = torch.tensor(0.95, device=dev)
     totals: dict[str, float] = {}
     for name, k, n in LLAMA7B_LAYER_GROUPS:
-        n1, n2 = kron_factors(k)
-        p1 = torch.randn(n1, n1, generator=gen, device=dev) / n1**0.5 + torch.eye(n1, device=dev)
-        p2 = torch.randn(n2, n2, generator=gen, device=dev) / n2**0.5 + torch.eye(n2, device=dev)
-        hb = dispatch.hadamard_block_for(k)
-        kinds = [("none", 0, 0, None, None), (f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{n2}", 2, 0, p1, p2)]
+        kinds = transform_cases(k, gen)
         ncw = copies(n * k)
         wq = [(torch.randint(1, 256, (n, k), generator=gen, dtype=torch.uint8, device=dev),
                torch.rand(n, generator=gen, device=dev) * 0.01 + 1e-3) for _ in range(ncw)]
