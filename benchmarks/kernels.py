@@ -97,8 +97,8 @@ TransformCase = tuple[str, int, int, "torch.Tensor | None", "torch.Tensor | None
 
 def transform_cases(k: int, gen: torch.Generator) -> list[TransformCase]:
     """(label, mode, hadamard block, p1, p2) for act_quant on rows of ``k``: no transform, the block Hadamard the
-    dispatcher picks for ``k``, and a Kronecker transform of ``kron_factors(k)`` (identity + random, as learned
-    FlatQuant transforms are near-identity), drawn on the GPU from ``gen`` (p1 then p2)."""
+    dispatcher picks for ``k``, and a Kronecker transform of ``kron_factors(k)`` (each factor the identity plus a
+    random matrix scaled by 1/sqrt(n): dense, well conditioned), drawn on the GPU from ``gen`` (p1 then p2)."""
     n1, n2 = kron_factors(k)
     p1 = torch.randn(n1, n1, generator=gen, device="cuda") / n1**0.5 + torch.eye(n1, device="cuda")
     p2 = torch.randn(n2, n2, generator=gen, device="cuda") / n2**0.5 + torch.eye(n2, device="cuda")
