@@ -46,6 +46,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -363,20 +364,31 @@ constexpr int kMaxTB = 16;  // tokens per round, at most
 
 // Units (16 output columns of one chunk) a warp keeps in registers per round (RMAX), two variants:
 // wide: RMAX * N1 / 2 <= 64 fp32 registers of Y, one block (8 warps) per SM (~160 registers);
-// narrow (N1 <= 64): RMAX * N1 / 2 <= 32, <= 128 registers, two blocks per SM, so one block's
-// quantization / barriers overlap the other's tensor-core work. The host takes narrow where it fits.
+// narrow (N1 <= 64): RMAX * N1 / 2 <= 32, compiled for three blocks per SM (<= 80 registers; H100: three blocks'
+// warps hide more of each other's latency than two at <= 128 registers), so one block's quantization / barriers
+// overlap the others' tensor-core work. The host takes narrow where it fits.
 // n1 80 / 96 (incl. 86 padded to 96): wide takes two units per warp (two tokens of 8 units per round); narrow one
 // unit per warp in <= 128 registers, two blocks per SM (K = 11008 Kronecker 86x128: one token per round per block,
 // 16 warps per SM instead of 8; shared memory ~107 KB per block thanks to the compact X rows).
 __host__ __device__ constexpr int rmax_wide(int n1) { return n1 <= 64 ? 128 / n1 : (n1 <= 96 ? 2 : 1); }
 __host__ __device__ constexpr int rmax_narrow(int n1) { return n1 <= 64 ? 64 / n1 : (n1 <= 96 ? 1 : 0); }
-__host__ __device__ constexpr int min_blocks(int n1, int rmax) { return rmax == rmax_narrow(n1) ? 2 : 1; }
+__host__ __device__ constexpr int min_blocks(int n1, int rmax) {
+  return rmax == rmax_narrow(n1) ? (n1 <= 64 ? 3 : 2) : 1;
+}
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// d = a b: the first product of an accumulation chain (no zeroing instructions for the accumulator)
+__device__ __forceinline__ void mma16816_c0(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t saddr) {
@@ -420,12 +432,43 @@ __device__ __forceinline__ int quant1(float v, float scale) {
   return (int)q;
 }
 
-// FAST mode: multiply by the token's reciprocal scale (folded with the unit's power-of-two * norm factor: one
-// product per value) instead of the IEEE division (differs from the reference only where v / scale lies within
-// an ulp or two of a rounding tie), clamp, round-to-nearest-even conversion.
-template <int QMAX>
-__device__ __forceinline__ int quant1_recip(float v, float inv_scale) {
-  return __float2int_rn(fminf(fmaxf(v * inv_scale, (float)-QMAX), (float)QMAX));
+// FAST mode, four consecutive values of one row -> their four codes packed as stored (int8 / uint8: 4 bytes, int4:
+// 4 nibbles in the low 16 bits), plus (kOutS8) their sum added to rsum. "Magic number" rounding: t = v * mul + B
+// with B = 1.5 * 2^23 + Z (Z = 0 / 128 / 8: signed int8 / unsigned int8 / unsigned int4 codes) is one FFMA that
+// rounds the exact product v * mul to the nearest integer, ties to even, in t's low mantissa bits (|v * mul| <
+// 2^22; larger values are clamped below); the clamp to [B - QMAX, B + QMAX] commutes with the rounding (integer
+// bounds) and is done on t; t's low byte is then the code (two's complement for int8). 4 FFMA + 8 FMNMX + 3 PRMT
+// (+ 1 IDP4A) per 4 values, against 4 FMUL + 8 FMNMX + 4 F2I + 3 PRMT + 3 IADD with a float-to-int conversion
+// (H100 SASS of the K = 11008 kernel: the quantization was ~30% of its instructions). mul = (2^-e * norm) *
+// (1 / scale): one product per value instead of the IEEE division; differs from the reference only where v /
+// scale lies within an ulp or two of a rounding tie.
+template <int OUT>
+__device__ __forceinline__ uint32_t quant4_fast(float v0, float v1, float v2, float v3, float mul, int& rsum) {
+  constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
+  constexpr int Z = OUT == kOutS8 ? 0 : (OUT == kOutU4 ? 8 : 128);
+  constexpr float kB = 12582912.f + (float)Z, kLo = kB - (float)QMAX, kHi = kB + (float)QMAX;
+  const uint32_t b0 = __float_as_uint(fminf(fmaxf(fmaf(v0, mul, kB), kLo), kHi));
+  const uint32_t b1 = __float_as_uint(fminf(fmaxf(fmaf(v1, mul, kB), kLo), kHi));
+  const uint32_t b2 = __float_as_uint(fminf(fmaxf(fmaf(v2, mul, kB), kLo), kHi));
+  const uint32_t b3 = __float_as_uint(fminf(fmaxf(fmaf(v3, mul, kB), kLo), kHi));
+  // low bytes of b0..b3 -> bytes 0..3
+  const uint32_t w = __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
+  if constexpr (OUT == kOutS8) rsum = __dp4a((int)w, 0x01010101, rsum);  // signed bytes: sum of the 4 codes
+  if constexpr (OUT == kOutU4) {
+    const uint32_t n = w | (w >> 4);  // byte 0 = u0 | u1 << 4, byte 2 = u2 | u3 << 4 (each u < 16)
+    return __byte_perm(n, 0u, 0x4420);
+  }
+  return w;
+}
+
+// Absolute maximum of N floats as four independent chains (the serial chain's FMNMX latency was exposed: each
+// max waited on the one before)
+template <int N>
+__device__ __forceinline__ float absmax_tree(const float* v) {
+  float m[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < N; ++i) m[i & 3] = fmaxf(m[i & 3], fabsf(v[i]));
+  return fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
 }
 
 // Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each), one zero
@@ -473,21 +516,29 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   const uint32_t sx_addr = (uint32_t)__cvta_generic_to_shared(sx);
   const uint32_t szero_addr = (uint32_t)__cvta_generic_to_shared(szero);
 
-  // cp.async of round `round`'s rows into buffer `buf` (16-byte pieces, global order = coalesced). Piece w of a
-  // token (row r = w / W, column piece w - r W) lands at halves r * xstr + (w - r W) * 8 = 8 (w + r): the row
-  // index is the only division, done as a multiply-high by ceil(2^32 / W) (exact for w < 2^28 / W).
+  // cp.async of round `round`'s rows into buffer `buf` (16-byte pieces, global order = coalesced). The round's
+  // tokens are consecutive rows of x and of the buffer (a token's K / n2 staged rows follow the previous one's), so
+  // piece w of the round (row r = w / W, column piece w - r W) lands at halves r * xstr + (w - r W) * 8 = 8 (w + r).
+  // The row index is a multiply-high by ceil(2^32 / W) (exact for w < 2^28 / W), once per thread where W divides
+  // the block's thread count (every n2 that is a power of two): then each step of kThreadsTc pieces advances the
+  // row by the constant kThreadsTc / W.
   const int W = n2 >> 3;
   const uint32_t wmagic = 0xffffffffu / (uint32_t)W + 1u;
+  const bool row_step_const = kThreadsTc % W == 0;
+  const uint32_t dstep = (uint32_t)(kThreadsTc + (row_step_const ? kThreadsTc / W : 0)) * 16u;
   auto issue = [&](int round, int buf) {
     const int m0 = round * TB;
-    const int nt = min(TB, M - m0);
-    const int per_tok = K >> 3;
-    for (int tb = 0; tb < nt; ++tb) {
-      const __half* src = x + (size_t)(m0 + tb) * K;
-      const uint32_t dst = sx_addr + (uint32_t)((buf * TB + tb) * xtok) * 2u;
-      for (int w = tid; w < per_tok; w += kThreadsTc) {
+    const int total = min(TB, M - m0) * (K >> 3);
+    const char* src = reinterpret_cast<const char*>(x + (size_t)m0 * K);
+    const uint32_t dst = sx_addr + (uint32_t)(buf * TB * xtok) * 2u;
+    if (row_step_const) {
+      uint32_t d = dst + (uint32_t)(tid + (int)__umulhi((uint32_t)tid, wmagic)) * 16u;
+      const char* sp = src + (size_t)tid * 16;
+      for (int w = tid; w < total; w += kThreadsTc, d += dstep, sp += kThreadsTc * 16) cp_async16(d, sp);
+    } else {
+      for (int w = tid; w < total; w += kThreadsTc) {
         const int r = (int)__umulhi((uint32_t)w, wmagic);
-        cp_async16(dst + (uint32_t)(w + r) * 16u, src + (size_t)w * 8);
+        cp_async16(dst + (uint32_t)(w + r) * 16u, src + (size_t)w * 16);
       }
     }
   };
@@ -598,8 +649,6 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         const int tb = utb[r], c = uc[r], jt = ujt[r];
         // ---- step 1: acc[nt][.] = T^T[slots of jt][a = 8 nt ..], k over b
         float acc[2 * NB1][4];
-#pragma unroll
-        for (int n = 0; n < 2 * NB1; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         // ldmatrix row address of each 16-row a-tile: chunk c's row na * 16 + lrow, or the zero row (padding)
         uint32_t xrow[NB1];
 #pragma unroll
@@ -610,8 +659,9 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         }
         const __half* f2h = sp2h + (jt * NB2) * 256 + lane * 8;
         const __half* f2l = sp2l + (jt * NB2) * 256 + lane * 8;
-#pragma unroll kKbUnroll
-        for (int kb = 0; kb < NB2; ++kb) {
+        // one k step of 16 b; the first (FIRST) starts every accumulator from zero
+        auto kstep = [&](int kb, auto first) {
+          constexpr bool FIRST = decltype(first)::value;
           const uint4 va = lds128(f2h + kb * 256);
           const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
           uint32_t al[4] = {0u, 0u, 0u, 0u};
@@ -623,20 +673,24 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           for (int na = 0; na < NB1; ++na) {
             uint32_t b[4];
             ldsm_x4(b, xrow[na] + (uint32_t)kb * 32u);
-            mma16816(acc[2 * na], ah, b[0], b[1]);
-            mma16816(acc[2 * na + 1], ah, b[2], b[3]);
+            if constexpr (FIRST) {
+              mma16816_c0(acc[2 * na], ah, b[0], b[1]);
+              mma16816_c0(acc[2 * na + 1], ah, b[2], b[3]);
+            } else {
+              mma16816(acc[2 * na], ah, b[0], b[1]);
+              mma16816(acc[2 * na + 1], ah, b[2], b[3]);
+            }
             if (lo) {
               mma16816(acc[2 * na], al, b[0], b[1]);
               mma16816(acc[2 * na + 1], al, b[2], b[3]);
             }
           }
-        }
+        };
+        kstep(0, std::true_type{});
+#pragma unroll kKbUnroll
+        for (int kb = 1; kb < NB2; ++kb) kstep(kb, std::false_type{});
         // ---- power-of-two scaling of T into [2^14, 2^15) (fp16 range), then fp16 B fragments of step 2
-        float mx = 0.f;
-#pragma unroll
-        for (int n = 0; n < 2 * NB1; ++n)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) mx = fmaxf(mx, fabsf(acc[n][q]));
+        float mx = absmax_tree<8 * NB1>(&acc[0][0]);
         mx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(mx)));  // |.| >= 0: uint order
         const int ebits = (__float_as_int(mx) >> 23) & 0xff;           // biased exponent of max|T|
         const int ef = min(max(268 - ebits, 27), 227);                  // biased exponent of f = 2^(141-E)
@@ -660,10 +714,6 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
             }
           }
         // ---- step 2: Y[i][slots] = sum_a P1[a][i] T[a][slots]
-#pragma unroll
-        for (int mi = 0; mi < NB1; ++mi)
-#pragma unroll
-          for (int ns = 0; ns < 2; ++ns) y[r][mi][ns][0] = y[r][mi][ns][1] = y[r][mi][ns][2] = y[r][mi][ns][3] = 0.f;
         const __half* f1h = sp1h + lane * 8;
         const __half* f1l = sp1l + lane * 8;
         // ka outer: each step issues 2 * NB1 independent mma (one accumulation chain per output tile); every
@@ -674,8 +724,13 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           for (int mi = 0; mi < NB1; ++mi) {
             const uint4 va = lds128(f1h + (mi * NB1 + ka) * 256);
             const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
-            mma16816(y[r][mi][0], ah, th[ka][0][0], th[ka][0][1]);
-            mma16816(y[r][mi][1], ah, th[ka][1][0], th[ka][1][1]);
+            if (ka == 0) {  // the first product of each accumulator (no zeroing)
+              mma16816_c0(y[r][mi][0], ah, th[ka][0][0], th[ka][0][1]);
+              mma16816_c0(y[r][mi][1], ah, th[ka][1][0], th[ka][1][1]);
+            } else {
+              mma16816(y[r][mi][0], ah, th[ka][0][0], th[ka][0][1]);
+              mma16816(y[r][mi][1], ah, th[ka][1][0], th[ka][1][1]);
+            }
             if (!FAST) {
               mma16816(y[r][mi][0], ah, tl[ka][0][0], tl[ka][0][1]);
               mma16816(y[r][mi][1], ah, tl[ka][1][0], tl[ka][1][1]);
@@ -689,13 +744,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           }
         // ---- unit absmax of v = (y * 2^-e) * norm  (= fl(max|y| * ysc): monotone rounding)
         ysc[r] = finv * norm;
-        float ym = 0.f;
-#pragma unroll
-        for (int mi = 0; mi < NB1; ++mi)
-#pragma unroll
-          for (int ns = 0; ns < 2; ++ns)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) ym = fmaxf(ym, fabsf(y[r][mi][ns][q]));
+        float ym = absmax_tree<8 * NB1>(&y[r][0][0][0]);
         ym = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(ym)));
         if (lane == 0) atomicMax(&s_amax[buf][tb], __float_as_uint(ym * ysc[r]));
       }
@@ -709,40 +758,40 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
       if (u < nunits) {
         const int tb = utb[r], c = uc[r], jt = ujt[r];
         const float scale = fmaxf(__uint_as_float(s_amax[buf][tb]) * clip_ratio / (float)QMAX, kEps);
-        uint8_t* crow = codes + (size_t)(m0 + tb) * CB;
         const float mul = ysc[r] * (1.f / scale);  // FAST only: (y * 2^-e * norm) / scale as one product
-        const int e0 = c * n1 * n2 + jt * 16 + 4 * t;
+        // physical columns 4t .. 4t+3 of the unit's row g; tile (mi, hr) is 16 mi + 8 hr rows further on
+        const int e0 = c * n1 * n2 + g * n2 + jt * 16 + 4 * t;
+        uint8_t* cbase = codes + (size_t)(m0 + tb) * CB + (OUT == kOutU4 ? (e0 >> 1) : e0);
+        const int rows8 = OUT == kOutU4 ? 4 * n2 : 8 * n2;  // bytes of 8 rows
         int rsum = 0;
 #pragma unroll
         for (int mi = 0; mi < NB1; ++mi)
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
-            const int row = mi * 16 + g + 8 * hr;
-            if (N1 != n1 && row >= n1) continue;  // padding row (zero): not part of the output
-            const int e = e0 + row * n2;  // physical columns 4t .. 4t+3 of row i
-            int q0, q1, q2, q3;
+            // padding rows (zero, not part of the output) lie in the last 16-row tile only (n1 > N1 - 16)
+            if (mi == NB1 - 1 && mi * 16 + g + 8 * hr >= n1) continue;
+            uint32_t w;
             if constexpr (FAST) {
-              q0 = quant1_recip<QMAX>(y[r][mi][0][2 * hr], mul);
-              q1 = quant1_recip<QMAX>(y[r][mi][0][2 * hr + 1], mul);
-              q2 = quant1_recip<QMAX>(y[r][mi][1][2 * hr], mul);
-              q3 = quant1_recip<QMAX>(y[r][mi][1][2 * hr + 1], mul);
+              w = quant4_fast<OUT>(y[r][mi][0][2 * hr], y[r][mi][0][2 * hr + 1], y[r][mi][1][2 * hr],
+                                   y[r][mi][1][2 * hr + 1], mul, rsum);
             } else {
-              q0 = quant1<QMAX>(y[r][mi][0][2 * hr] * ysc[r], scale);
-              q1 = quant1<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], scale);
-              q2 = quant1<QMAX>(y[r][mi][1][2 * hr] * ysc[r], scale);
-              q3 = quant1<QMAX>(y[r][mi][1][2 * hr + 1] * ysc[r], scale);
+              const int q0 = quant1<QMAX>(y[r][mi][0][2 * hr] * ysc[r], scale);
+              const int q1 = quant1<QMAX>(y[r][mi][0][2 * hr + 1] * ysc[r], scale);
+              const int q2 = quant1<QMAX>(y[r][mi][1][2 * hr] * ysc[r], scale);
+              const int q3 = quant1<QMAX>(y[r][mi][1][2 * hr + 1] * ysc[r], scale);
+              if constexpr (OUT == kOutU4) {
+                w = (uint32_t)(q0 + 8) | ((uint32_t)(q1 + 8) << 4) | ((uint32_t)(q2 + 8) << 8) |
+                    ((uint32_t)(q3 + 8) << 12);
+              } else {
+                const int z = OUT == kOutS8 ? 0 : 128;
+                w = ((uint32_t)(q0 + z) & 0xffu) | (((uint32_t)(q1 + z) & 0xffu) << 8) |
+                    (((uint32_t)(q2 + z) & 0xffu) << 16) | (((uint32_t)(q3 + z) & 0xffu) << 24);
+                if constexpr (OUT == kOutS8) rsum += q0 + q1 + q2 + q3;
+              }
             }
-            if constexpr (OUT == kOutU4) {
-              const uint32_t w = (uint32_t)(q0 + 8) | ((uint32_t)(q1 + 8) << 4) | ((uint32_t)(q2 + 8) << 8) |
-                                 ((uint32_t)(q3 + 8) << 12);
-              *reinterpret_cast<uint16_t*>(crow + (e >> 1)) = (uint16_t)w;
-            } else {
-              const int z = OUT == kOutS8 ? 0 : 128;
-              const uint32_t w = ((uint32_t)(q0 + z) & 0xffu) | (((uint32_t)(q1 + z) & 0xffu) << 8) |
-                                 (((uint32_t)(q2 + z) & 0xffu) << 16) | (((uint32_t)(q3 + z) & 0xffu) << 24);
-              *reinterpret_cast<uint32_t*>(crow + e) = w;
-              if constexpr (OUT == kOutS8) rsum += q0 + q1 + q2 + q3;
-            }
+            uint8_t* dst = cbase + (2 * mi + hr) * rows8;
+            if constexpr (OUT == kOutU4) *reinterpret_cast<uint16_t*>(dst) = (uint16_t)w;
+            else *reinterpret_cast<uint32_t*>(dst) = w;
           }
         if constexpr (OUT == kOutS8) {
           rsum = __reduce_add_sync(0xffffffffu, rsum);

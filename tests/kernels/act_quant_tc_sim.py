@@ -334,10 +334,11 @@ def act_quant_tc_sim(
                             e = e0 + row * n2
                             # physical columns 4t .. 4t+3: slots (nj 0, 2t), (0, 2t+1), (1, 2t), (1, 2t+1)
                             vals = [yr[mi, nj, :, 2 * hr + k] for nj in range(2) for k in range(2)]
-                            if fast:  # one product by (2^-e * norm) * (1 / scale), clamp, round half to even
+                            if fast:  # v * ((2^-e * norm) * (1 / scale)) in one FFMA with the magic number:
+                                # the exact product (exact in float64) rounded half to even once, then clamped
                                 mul = F32(s * inv_scale)
-                                qs = [np.rint(np.clip((vv * mul).astype(F32), -QMAX, QMAX)).astype(np.int64)
-                                      for vv in vals]
+                                qs = [np.clip(np.rint(vv.astype(np.float64) * np.float64(mul)), -QMAX, QMAX)
+                                      .astype(np.int64) for vv in vals]
                             else:
                                 qs = [
                                     np.clip(np.rint((vv * s).astype(F32) / scale), -QMAX, QMAX).astype(np.int64)
