@@ -1,6 +1,7 @@
 """The online transform's extra cost in ``act_quant_s8`` alone, 2048 tokens, LLaMA-7B activation widths.
 
-For K = 4096 (Kronecker 64 x 64, Hadamard 4096) and K = 11008 (Kronecker 86 x 128, Hadamard block 256): the
+For K = 4096 (Kronecker 64 x 64, Hadamard 4096, and FlatQuant's o_proj transform: 32 heads (x) the identity
+of 128) and K = 11008 (Kronecker 86 x 128, Hadamard block 256): the
 per-token int8 quantization without a transform, with each transform, and the difference (what the transform
 adds). CUDA-graph-replayed medians over eight input copies (``benchmarks.kernels.bench``). Run on a CUDA machine:
 ``python -m benchmarks.act_quant_transform --out DIR`` (prints a table, saves ``act_quant_transform.{json,md}``).
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from benchmarks.kernels import bench, transform_cases
+from benchmarks.kernels import bench, kron_heads_case, transform_cases
 
 TOKENS = 2048
 WIDTHS = (4096, 11008)
@@ -28,7 +29,7 @@ COPIES = 8
 def measure(k: int, gen: torch.Generator) -> list[dict]:
     ext = kernels._ext.extension()
     clip = torch.tensor(0.95, device="cuda")
-    kinds = transform_cases(k, gen)
+    kinds = transform_cases(k, gen) + ([kron_heads_case(k)] if k == 4096 else [])
     xs = [torch.randn(TOKENS, k, generator=gen, device="cuda").half() for _ in range(COPIES)]
     rows: list[dict] = []
     base = None
