@@ -11,7 +11,8 @@ Paths (fp16 activations):
   the row-sum term) -> ``qaas::w8a8_gemm_sm90`` (wgmma + TMA, the same epilogue fused), reading the
   stored uint8 weight codes directly (W4: ``qaas::unpack_w4_u8`` first, codes + 120).
 The layer's online transform is matched against the kernel's: block-diagonal Hadamard or Kronecker
-``kron(P1, P2)`` found among the transform's square tensors, by probing it on random inputs once;
+``kron(P1, P2)`` found among the transform's square tensors, by probing it on random inputs once (an exact
+identity ``P2``, FlatQuant's o_proj transform, is left out: the kernel skips that product);
 any other transform runs in torch before the fused quantization kernel.
 
 Everything else (asymmetric or group-wise activations/weights on the integer path, 6-bit, bf16/fp32
@@ -105,7 +106,10 @@ def detect_transform(transform: torch.nn.Module | None, n: int) -> TransformPlan
                     continue
                 smem = 4 * (2 * n + p1.shape[0] ** 2 + p2.shape[0] ** 2)
                 if smem <= SMEM_LIMIT_BYTES and _close(reference.kronecker_transform(pf, p1.float(), p2.float()), y):
-                    return TransformPlan("kronecker", p1_name=n1_name, p2_name=n2_name)
+                    # an exact identity right factor (FlatQuant's o_proj: heads (x) I) is not passed: the kernel
+                    # then skips that product
+                    right_identity = torch.equal(p2, torch.eye(p2.shape[0], dtype=p2.dtype, device=p2.device))
+                    return TransformPlan("kronecker", p1_name=n1_name, p2_name="" if right_identity else n2_name)
     return TransformPlan("torch")
 
 
@@ -209,7 +213,7 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         assert layer.transform is not None
         tensors = _square_tensors(layer.transform)
         p1 = _derived(layer, "p1", tensors[tp.p1_name], _f32)
-        p2 = _derived(layer, "p2", tensors[tp.p2_name], _f32)
+        p2 = _derived(layer, "p2", tensors[tp.p2_name], _f32) if tp.p2_name else None
     clip = _derived(layer, "clip", layer.act_clip, lambda c: c.detach().float().reshape(()).contiguous())
     w_scale = _derived(layer, "w_scale_ch", layer.w_scale, lambda s: s.detach()[:, 0].float().contiguous())
     if _use_sm90_gemm(layer, x2):

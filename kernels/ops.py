@@ -18,7 +18,8 @@ from kernels._ext import extension
 def act_quant(
     x: Tensor, bits: int, clip: Tensor, mode: int, hb: int, p1: Optional[Tensor], p2: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """Online transform (mode 0 none, 1 block Hadamard of size ``hb``, 2 Kronecker ``p1``/``p2``) fused with
+    """Online transform (mode 0 none, 1 block Hadamard of size ``hb``, 2 Kronecker ``p1``/``p2``; ``p2=None``: an
+    identity right factor, which the CUDA kernel skips) fused with
     per-token symmetric quantization to ``bits`` (8, or 4 packed two per byte); clip ratio ``clip``."""
     return reference.act_quant_ref(x, bits, clip, mode, hb, p1, p2)
 

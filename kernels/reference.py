@@ -40,12 +40,19 @@ def hadamard_matrix(block: int, dtype: torch.dtype = torch.float64) -> torch.Ten
     return hadamard_blockdiag(torch.eye(block, dtype=dtype), block)
 
 
-def kronecker_transform(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """``x @ kron(P1, P2)`` computed as ``P1^T X P2`` with ``X = x.reshape(n1, n2)`` (FlatQuant)."""
-    n1, n2 = p1.shape[0], p2.shape[0]
+def kronecker_transform(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor | None) -> torch.Tensor:
+    """``x @ kron(P1, P2)`` computed as ``P1^T X P2`` with ``X = x.reshape(n1, n2)`` (FlatQuant). ``p2=None``:
+    the right factor is the identity of size ``n / n1`` (``P1^T X``: FlatQuant's o_proj transform, heads only)."""
+    n = x.shape[-1]
+    n1 = p1.shape[0]
+    if n % n1:
+        raise ValueError(f"kronecker left factor of size {n1} does not divide {n}")
+    n2 = p2.shape[0] if p2 is not None else n // n1
     lead = x.shape[:-1]
     xm = x.reshape(-1, n1, n2)
-    y = p1.to(x.dtype).transpose(0, 1) @ xm @ p2.to(x.dtype)
+    y = p1.to(x.dtype).transpose(0, 1) @ xm
+    if p2 is not None:
+        y = y @ p2.to(x.dtype)
     return y.reshape(*lead, n1 * n2)
 
 
@@ -57,8 +64,8 @@ def apply_transform(
     if mode == MODE_HADAMARD:
         return hadamard_blockdiag(x, hb)
     if mode == MODE_KRONECKER:
-        if p1 is None or p2 is None:
-            raise ValueError("kronecker transform needs p1 and p2")
+        if p1 is None:
+            raise ValueError("kronecker transform needs p1 (and p2, or None for an identity right factor)")
         return kronecker_transform(x, p1, p2)
     raise ValueError(f"unknown transform mode {mode}")
 

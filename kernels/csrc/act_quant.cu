@@ -405,6 +405,13 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr)
+               : "memory");
+}
+
 __device__ __forceinline__ uint4 lds128(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
 
 // Output-column permutation inside a 16-column tile: the accumulator slot s = 8*nj + 2*t + e (n-tile nj,
@@ -475,17 +482,23 @@ __device__ __forceinline__ float absmax_tree(const float* v) {
 // row (n2 + 8 halves), X for TB tokens x 2 buffers (the token's K / n2 rows of n2 halves, each padded by 8:
 // conflict-free ldmatrix; compact: row r of the token is row r here, so chunk c starts at row c * n1, and the
 // ldmatrix lanes of the padding rows n1..N1-1 of a chunk read the zero row).
-// N1 = n1 rounded up to a multiple of 16.
-__host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K) {
-  return (size_t)2 * (N1 * N1 + n2 * n2) * (lo ? 2 : 1) + (size_t)(n2 + 8) * 2 +
+// N1 = n1 rounded up to a multiple of 16. Left-only (the right factor is the identity): no P2.
+__host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K, bool left = false) {
+  return (size_t)2 * (N1 * N1 + (left ? 0 : n2 * n2)) * (lo ? 2 : 1) + (size_t)(n2 + 8) * 2 +
          (size_t)2 * TB * (K / n2) * (n2 + 8) * 2;
 }
 
-template <int N1, int RMAX, bool FAST, int OUT>
+// LEFT: Kronecker with the identity as right factor, Y = P1^T X (FlatQuant's o_proj transform: the heads factor
+// (x) I_head_dim, whose head-dim factor is folded into v_proj). Step 1 is skipped: step 2's B fragments are X
+// itself, read by ldmatrix.trans (fp16 already: no power-of-two scaling), and the output columns keep their
+// natural order (a lane's values of one row are columns 2t, 2t+1 and 2t+8, 2t+9: two 2-byte code stores).
+// FAST only (plain fp16 products; the compensated mode takes an explicit identity right factor instead).
+template <int N1, int RMAX, bool FAST, int OUT, bool LEFT = false>
 __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc_kernel(
     const __half* __restrict__ x, int M, int K, int n1, int n2, int had, const float* __restrict__ clip,
     const float* __restrict__ p1, const float* __restrict__ p2, float norm, int TB, int nrounds,
     uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
+  static_assert(!LEFT || FAST, "the left-only kernel is FAST only");
   constexpr int NB1 = N1 / 16;
   constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
   // step 1's k loop (n2 / 16 iterations, runtime) unrolled so the next iterations' ldmatrix overlap this one's
@@ -502,7 +515,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* sp2h = reinterpret_cast<__half*>(smem_raw);
   __half* sp2l = sp2h + n2 * n2;
-  __half* sp1h = sp2h + (lo ? 2 : 1) * n2 * n2;
+  __half* sp1h = sp2h + (lo ? 2 : 1) * (LEFT ? 0 : n2 * n2);
   __half* sp1l = sp1h + N1 * N1;
   __half* szero = sp1h + (lo ? 2 : 1) * N1 * N1;  // one zero row: what padding rows of X read
   __half* sx = szero + xstr;
@@ -597,7 +610,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         }
       }
     };
-    stage(NB2, true, sp2h, sp2l);
+    if (!LEFT) stage(NB2, true, sp2h, sp2l);
     stage(NB1, false, sp1h, sp1l);
   }
   const float clip_ratio = __ldg(clip);
@@ -647,72 +660,94 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
       const int u = warp + r * kWarps;
       if (u < nunits) {
         const int tb = utb[r], c = uc[r], jt = ujt[r];
-        // ---- step 1: acc[nt][.] = T^T[slots of jt][a = 8 nt ..], k over b
-        float acc[2 * NB1][4];
-        // ldmatrix row address of each 16-row a-tile: chunk c's row na * 16 + lrow, or the zero row (padding)
-        uint32_t xrow[NB1];
+        uint32_t th[NB1][2][2], tl[NB1][2][2];  // step 2's B fragments (T, fp16; tl: compensated low parts)
+        float finv = 1.f;                        // 2^-e: undoes T's power-of-two scaling
+        if constexpr (LEFT) {
+          // T = X: the B fragment (k = a in 16 ka.., n = columns 8 ns.. of the j-tile) by ldmatrix.trans, matrices
+          // (rows 0-7, cols 0-7) (8-15, 0-7) (0-7, 8-15) (8-15, 8-15) = th[ka][0][0], [0][1], [1][0], [1][1];
+          // padding rows read the zero row
 #pragma unroll
-        for (int na = 0; na < NB1; ++na) {
-          const int row = na * 16 + lrow;
-          xrow[na] = row >= n1 ? szero_addr + (uint32_t)lcol * 2u
-                               : xb + (uint32_t)((tb * xtok) + (c * n1 + row) * xstr + lcol) * 2u;
-        }
-        const __half* f2h = sp2h + (jt * NB2) * 256 + lane * 8;
-        const __half* f2l = sp2l + (jt * NB2) * 256 + lane * 8;
-        // one k step of 16 b; the first (FIRST) starts every accumulator from zero
-        auto kstep = [&](int kb, auto first) {
-          constexpr bool FIRST = decltype(first)::value;
-          const uint4 va = lds128(f2h + kb * 256);
-          const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
-          uint32_t al[4] = {0u, 0u, 0u, 0u};
-          if (lo) {
-            const uint4 vl = lds128(f2l + kb * 256);
-            al[0] = vl.x; al[1] = vl.y; al[2] = vl.z; al[3] = vl.w;
-          }
-#pragma unroll
-          for (int na = 0; na < NB1; ++na) {
+          for (int ka = 0; ka < NB1; ++ka) {
+            const int row = ka * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+            const int col = jt * 16 + ((lane >> 4) << 3);
+            const uint32_t addr = row >= n1 ? szero_addr + (uint32_t)col * 2u
+                                            : xb + (uint32_t)((tb * xtok) + (c * n1 + row) * xstr + col) * 2u;
             uint32_t b[4];
-            ldsm_x4(b, xrow[na] + (uint32_t)kb * 32u);
-            if constexpr (FIRST) {
-              mma16816_c0(acc[2 * na], ah, b[0], b[1]);
-              mma16816_c0(acc[2 * na + 1], ah, b[2], b[3]);
-            } else {
-              mma16816(acc[2 * na], ah, b[0], b[1]);
-              mma16816(acc[2 * na + 1], ah, b[2], b[3]);
-            }
+            ldsm_x4_trans(b, addr);
+            th[ka][0][0] = b[0];
+            th[ka][0][1] = b[1];
+            th[ka][1][0] = b[2];
+            th[ka][1][1] = b[3];
+            tl[ka][0][0] = tl[ka][0][1] = tl[ka][1][0] = tl[ka][1][1] = 0u;
+          }
+        } else {
+          // ---- step 1: acc[nt][.] = T^T[slots of jt][a = 8 nt ..], k over b
+          float acc[2 * NB1][4];
+          // ldmatrix row address of each 16-row a-tile: chunk c's row na * 16 + lrow, or the zero row (padding)
+          uint32_t xrow[NB1];
+  #pragma unroll
+          for (int na = 0; na < NB1; ++na) {
+            const int row = na * 16 + lrow;
+            xrow[na] = row >= n1 ? szero_addr + (uint32_t)lcol * 2u
+                                 : xb + (uint32_t)((tb * xtok) + (c * n1 + row) * xstr + lcol) * 2u;
+          }
+          const __half* f2h = sp2h + (jt * NB2) * 256 + lane * 8;
+          const __half* f2l = sp2l + (jt * NB2) * 256 + lane * 8;
+          // one k step of 16 b; the first (FIRST) starts every accumulator from zero
+          auto kstep = [&](int kb, auto first) {
+            constexpr bool FIRST = decltype(first)::value;
+            const uint4 va = lds128(f2h + kb * 256);
+            const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
+            uint32_t al[4] = {0u, 0u, 0u, 0u};
             if (lo) {
-              mma16816(acc[2 * na], al, b[0], b[1]);
-              mma16816(acc[2 * na + 1], al, b[2], b[3]);
+              const uint4 vl = lds128(f2l + kb * 256);
+              al[0] = vl.x; al[1] = vl.y; al[2] = vl.z; al[3] = vl.w;
             }
-          }
-        };
-        kstep(0, std::true_type{});
-#pragma unroll kKbUnroll
-        for (int kb = 1; kb < NB2; ++kb) kstep(kb, std::false_type{});
-        // ---- power-of-two scaling of T into [2^14, 2^15) (fp16 range), then fp16 B fragments of step 2
-        float mx = absmax_tree<8 * NB1>(&acc[0][0]);
-        mx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(mx)));  // |.| >= 0: uint order
-        const int ebits = (__float_as_int(mx) >> 23) & 0xff;           // biased exponent of max|T|
-        const int ef = min(max(268 - ebits, 27), 227);                  // biased exponent of f = 2^(141-E)
-        const float f = __int_as_float(ef << 23), finv = __int_as_float((254 - ef) << 23);
-        uint32_t th[NB1][2][2], tl[NB1][2][2];
-#pragma unroll
-        for (int ka = 0; ka < NB1; ++ka)
-#pragma unroll
-          for (int ns = 0; ns < 2; ++ns) {
-            // B fragment (k = a in 16 ka.., n = slots 8 ns..): {T[2t..][g], T[2t+8..][g]} =
-            // acc of a-tiles 2ka, 2ka+1 at slot row g (ns 0: c0,c1) or g+8 (ns 1: c2,c3)
-            if (FAST) {
-              th[ka][ns][0] = h2_bits(__floats2half2_rn(acc[2 * ka][2 * ns] * f, acc[2 * ka][2 * ns + 1] * f));
-              th[ka][ns][1] =
-                  h2_bits(__floats2half2_rn(acc[2 * ka + 1][2 * ns] * f, acc[2 * ka + 1][2 * ns + 1] * f));
-              tl[ka][ns][0] = tl[ka][ns][1] = 0u;
-            } else {
-              split_pair(acc[2 * ka][2 * ns] * f, acc[2 * ka][2 * ns + 1] * f, th[ka][ns][0], tl[ka][ns][0]);
-              split_pair(acc[2 * ka + 1][2 * ns] * f, acc[2 * ka + 1][2 * ns + 1] * f, th[ka][ns][1],
-                         tl[ka][ns][1]);
+  #pragma unroll
+            for (int na = 0; na < NB1; ++na) {
+              uint32_t b[4];
+              ldsm_x4(b, xrow[na] + (uint32_t)kb * 32u);
+              if constexpr (FIRST) {
+                mma16816_c0(acc[2 * na], ah, b[0], b[1]);
+                mma16816_c0(acc[2 * na + 1], ah, b[2], b[3]);
+              } else {
+                mma16816(acc[2 * na], ah, b[0], b[1]);
+                mma16816(acc[2 * na + 1], ah, b[2], b[3]);
+              }
+              if (lo) {
+                mma16816(acc[2 * na], al, b[0], b[1]);
+                mma16816(acc[2 * na + 1], al, b[2], b[3]);
+              }
             }
-          }
+          };
+          kstep(0, std::true_type{});
+  #pragma unroll kKbUnroll
+          for (int kb = 1; kb < NB2; ++kb) kstep(kb, std::false_type{});
+          // ---- power-of-two scaling of T into [2^14, 2^15) (fp16 range), then fp16 B fragments of step 2
+          float mx = absmax_tree<8 * NB1>(&acc[0][0]);
+          mx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(mx)));  // |.| >= 0: uint order
+          const int ebits = (__float_as_int(mx) >> 23) & 0xff;           // biased exponent of max|T|
+          const int ef = min(max(268 - ebits, 27), 227);                  // biased exponent of f = 2^(141-E)
+          const float f = __int_as_float(ef << 23);
+          finv = __int_as_float((254 - ef) << 23);
+  #pragma unroll
+          for (int ka = 0; ka < NB1; ++ka)
+  #pragma unroll
+            for (int ns = 0; ns < 2; ++ns) {
+              // B fragment (k = a in 16 ka.., n = slots 8 ns..): {T[2t..][g], T[2t+8..][g]} =
+              // acc of a-tiles 2ka, 2ka+1 at slot row g (ns 0: c0,c1) or g+8 (ns 1: c2,c3)
+              if (FAST) {
+                th[ka][ns][0] = h2_bits(__floats2half2_rn(acc[2 * ka][2 * ns] * f, acc[2 * ka][2 * ns + 1] * f));
+                th[ka][ns][1] =
+                    h2_bits(__floats2half2_rn(acc[2 * ka + 1][2 * ns] * f, acc[2 * ka + 1][2 * ns + 1] * f));
+                tl[ka][ns][0] = tl[ka][ns][1] = 0u;
+              } else {
+                split_pair(acc[2 * ka][2 * ns] * f, acc[2 * ka][2 * ns + 1] * f, th[ka][ns][0], tl[ka][ns][0]);
+                split_pair(acc[2 * ka + 1][2 * ns] * f, acc[2 * ka + 1][2 * ns + 1] * f, th[ka][ns][1],
+                           tl[ka][ns][1]);
+              }
+            }
+        }
         // ---- step 2: Y[i][slots] = sum_a P1[a][i] T[a][slots]
         const __half* f1h = sp1h + lane * 8;
         const __half* f1l = sp1l + lane * 8;
@@ -759,8 +794,9 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         const int tb = utb[r], c = uc[r], jt = ujt[r];
         const float scale = fmaxf(__uint_as_float(s_amax[buf][tb]) * clip_ratio / (float)QMAX, kEps);
         const float mul = ysc[r] * (1.f / scale);  // FAST only: (y * 2^-e * norm) / scale as one product
-        // physical columns 4t .. 4t+3 of the unit's row g; tile (mi, hr) is 16 mi + 8 hr rows further on
-        const int e0 = c * n1 * n2 + g * n2 + jt * 16 + 4 * t;
+        // physical columns 4t .. 4t+3 of the unit's row g (left-only: 2t, 2t+1 and, 8 further on, 2t+8, 2t+9);
+        // tile (mi, hr) is 16 mi + 8 hr rows further on
+        const int e0 = c * n1 * n2 + g * n2 + jt * 16 + (LEFT ? 2 : 4) * t;
         uint8_t* cbase = codes + (size_t)(m0 + tb) * CB + (OUT == kOutU4 ? (e0 >> 1) : e0);
         const int rows8 = OUT == kOutU4 ? 4 * n2 : 8 * n2;  // bytes of 8 rows
         int rsum = 0;
@@ -790,8 +826,19 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
               }
             }
             uint8_t* dst = cbase + (2 * mi + hr) * rows8;
-            if constexpr (OUT == kOutU4) *reinterpret_cast<uint16_t*>(dst) = (uint16_t)w;
-            else *reinterpret_cast<uint32_t*>(dst) = w;
+            if constexpr (LEFT) {
+              if constexpr (OUT == kOutU4) {
+                dst[0] = (uint8_t)w;
+                dst[4] = (uint8_t)(w >> 8);
+              } else {
+                *reinterpret_cast<uint16_t*>(dst) = (uint16_t)w;
+                *reinterpret_cast<uint16_t*>(dst + 8) = (uint16_t)(w >> 16);
+              }
+            } else if constexpr (OUT == kOutU4) {
+              *reinterpret_cast<uint16_t*>(dst) = (uint16_t)w;
+            } else {
+              *reinterpret_cast<uint32_t*>(dst) = w;
+            }
           }
         if constexpr (OUT == kOutS8) {
           rsum = __reduce_add_sync(0xffffffffu, rsum);
@@ -810,6 +857,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
 
 struct Plan {
   int n1 = 0, N1 = 0, n2 = 0, had = 0, rmax = 0, TB = 0, nrounds = 0;  // N1: n1 padded to a multiple of 16
+  bool left = false;  // Kronecker with the identity as right factor (the LEFT kernel)
   float norm = 1.f;
   size_t smem = 0;
 };
@@ -835,9 +883,11 @@ bool wide_only() {
 }
 
 // Is the tensor-core kernel applicable, and with which shape (variant, TB tokens per round, shared memory)?
+// left: the right factor is the identity (no p2): only the narrow variants, FAST mode.
 bool make_plan(const at::Tensor& x, int mode, int hb, int n1, int n2, int out, int sms, int smem_optin,
-               int smem_per_sm, Plan& p) {
+               int smem_per_sm, bool left, Plan& p) {
   if (!tc_enabled() || x.scalar_type() != at::kHalf || (mode != 1 && mode != 2)) return false;
+  if (left && (mode != 2 || !fast_mode())) return false;
   if ((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) != 0) return false;
   const int M = x.size(0), K = x.size(1);
   if (mode == 1) {
@@ -859,19 +909,20 @@ bool make_plan(const at::Tensor& x, int mode, int hb, int n1, int n2, int out, i
   p.N1 = (p.n1 + 15) / 16 * 16;
   const int U = (K / (p.n1 * p.n2)) * (p.n2 / 16);  // units per token
   const bool lo = !fast_mode() && !p.had;
+  p.left = left;
   // narrow first (two blocks per SM: shared memory of each <= half the SM's), else wide (one block)
-  for (int narrow = wide_only() ? 0 : 1; narrow >= 0; --narrow) {
+  for (int narrow = wide_only() && !left ? 0 : 1; narrow >= (left ? 1 : 0); --narrow) {
     const int rmax = narrow ? rmax_narrow(p.N1) : rmax_wide(p.N1);
     const int slots = kWarps * rmax;
     if (rmax == 0 || U > slots) continue;
     const size_t limit = narrow ? (size_t)smem_per_sm / 2 - 2048 : (size_t)smem_optin - 1024;
     const int blocks = sms * (narrow ? 2 : 1);
     int TB = std::max(1, std::min(std::min(kMaxTB, slots / U), (M + blocks - 1) / blocks));
-    while (TB > 1 && smem_bytes(p.N1, p.n1, p.n2, lo, TB, K) > limit) --TB;
-    if (smem_bytes(p.N1, p.n1, p.n2, lo, TB, K) > limit) continue;
+    while (TB > 1 && smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, left) > limit) --TB;
+    if (smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, left) > limit) continue;
     p.rmax = rmax;
     p.TB = TB;
-    p.smem = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K);
+    p.smem = smem_bytes(p.N1, p.n1, p.n2, lo, TB, K, left);
     p.nrounds = (M + TB - 1) / TB;
     return true;
   }
@@ -899,10 +950,10 @@ int blocks_per_sm(const void* fn, int dev, int smem_optin, size_t smem) {
   return occ;
 }
 
-template <int N1, int RMAX, bool FAST, int OUT>
+template <int N1, int RMAX, bool FAST, int OUT, bool LEFT = false>
 void launch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const Plan& p, int dev,
                int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
-  auto kernel = act_quant_tc_kernel<N1, RMAX, FAST, OUT>;
+  auto kernel = act_quant_tc_kernel<N1, RMAX, FAST, OUT, LEFT>;
   const int occ = blocks_per_sm(reinterpret_cast<const void*>(kernel), dev, smem_optin, p.smem);
   const int grid = std::max(1, std::min(p.nrounds, sms * occ));
   kernel<<<grid, kThreadsTc, p.smem, c10::cuda::getCurrentCUDAStream()>>>(
@@ -919,6 +970,18 @@ void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, c
     launch_tc<N1_, R_, FAST, OUT>(x, clip, p1, p2, p, dev, sms, smem_optin, codes, scales, corr); \
     return;                                                                                   \
   }
+#define QAAS_TC_LEFT(N1_)                                                                                   \
+  if (p.N1 == N1_ && p.rmax == rmax_narrow(N1_)) {                                                          \
+    launch_tc<N1_, rmax_narrow(N1_), true, OUT, true>(x, clip, p1, nullptr, p, dev, sms, smem_optin, codes, \
+                                                      scales, corr);                                       \
+    return;                                                                                                \
+  }
+  if (p.left) {  // make_plan takes the left-only kernel in FAST mode and narrow variants only
+    if constexpr (FAST) {
+      QAAS_TC_LEFT(16) QAAS_TC_LEFT(32) QAAS_TC_LEFT(48) QAAS_TC_LEFT(64) QAAS_TC_LEFT(80) QAAS_TC_LEFT(96)
+    }
+    TORCH_CHECK(false, "act_quant: internal error, no left-only kernel for N1 = ", p.N1, ", rmax = ", p.rmax);
+  }
   // wide
   QAAS_TC(16, rmax_wide(16)) QAAS_TC(32, rmax_wide(32)) QAAS_TC(48, rmax_wide(48)) QAAS_TC(64, rmax_wide(64))
   QAAS_TC(80, rmax_wide(80)) QAAS_TC(96, rmax_wide(96)) QAAS_TC(112, rmax_wide(112)) QAAS_TC(128, rmax_wide(128))
@@ -926,6 +989,7 @@ void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, c
   QAAS_TC(16, rmax_narrow(16)) QAAS_TC(32, rmax_narrow(32)) QAAS_TC(48, rmax_narrow(48)) QAAS_TC(64, rmax_narrow(64))
   QAAS_TC(80, rmax_narrow(80)) QAAS_TC(96, rmax_narrow(96))
 #undef QAAS_TC
+#undef QAAS_TC_LEFT
   TORCH_CHECK(false, "act_quant: internal error, no tensor-core kernel for N1 = ", p.N1, ", rmax = ", p.rmax);
 }
 
@@ -933,8 +997,9 @@ void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, c
 
 struct Args {
   const float* p1 = nullptr;
-  const float* p2 = nullptr;
+  const float* p2 = nullptr;  // null with left: the right factor is the identity
   int n1 = 0, n2 = 0;
+  bool left = false;
 };
 
 Args check_args(const char* name, const at::Tensor& x, const at::Tensor& clip, int64_t mode, int64_t hb,
@@ -950,17 +1015,24 @@ Args check_args(const char* name, const at::Tensor& x, const at::Tensor& clip, i
                 ": hadamard block must be a power of two dividing K");
   }
   if (mode == 2) {
-    TORCH_CHECK(p1.has_value() && p2.has_value(), name, ": kronecker needs p1 and p2");
-    TORCH_CHECK(p1->scalar_type() == at::kFloat && p2->scalar_type() == at::kFloat && p1->is_contiguous() &&
-                    p2->is_contiguous() && p1->is_cuda() && p2->is_cuda(),
-                name, ": p1/p2 must be contiguous float32 CUDA tensors");
+    // p2 absent: the right factor is the identity of size K / n1 (left-only Kronecker, FlatQuant's o_proj)
+    TORCH_CHECK(p1.has_value(), name, ": kronecker needs p1 (and p2, or none for an identity right factor)");
+    TORCH_CHECK(p1->scalar_type() == at::kFloat && p1->is_contiguous() && p1->is_cuda() && p1->dim() == 2 &&
+                    p1->size(0) == p1->size(1) && p1->size(0) > 0 && K % p1->size(0) == 0,
+                name, ": p1 must be a contiguous float32 CUDA [n1, n1] tensor with n1 dividing K");
     a.n1 = p1->size(0);
-    a.n2 = p2->size(0);
-    TORCH_CHECK(p1->dim() == 2 && p1->size(1) == a.n1 && p2->dim() == 2 && p2->size(1) == a.n2 &&
-                    (int64_t)a.n1 * a.n2 == K,
-                name, ": p1 [n1,n1], p2 [n2,n2] with n1*n2 == K");
     a.p1 = p1->data_ptr<float>();
-    a.p2 = p2->data_ptr<float>();
+    if (p2.has_value()) {
+      TORCH_CHECK(p2->scalar_type() == at::kFloat && p2->is_contiguous() && p2->is_cuda(), name,
+                  ": p2 must be a contiguous float32 CUDA tensor");
+      a.n2 = p2->size(0);
+      TORCH_CHECK(p2->dim() == 2 && p2->size(1) == a.n2 && (int64_t)a.n1 * a.n2 == K, name,
+                  ": p1 [n1,n1], p2 [n2,n2] with n1*n2 == K");
+      a.p2 = p2->data_ptr<float>();
+    } else {
+      a.n2 = (int)(K / a.n1);
+      a.left = true;
+    }
   }
   return a;
 }
@@ -983,17 +1055,29 @@ void run(const at::Tensor& x, const at::Tensor& clip, int mode, int hb, const Ar
     }
   }
   tc::Plan plan;
-  if (tc::make_plan(x, mode, hb, a.n1, a.n2, OUT, sms, optin, per_sm, plan)) {
+  if (tc::make_plan(x, mode, hb, a.n1, a.n2, OUT, sms, optin, per_sm, a.left, plan)) {
     if (tc::fast_mode()) tc::dispatch_tc<true, OUT>(x, clip, a.p1, a.p2, plan, dev, sms, optin, codes, scales, corr);
     else tc::dispatch_tc<false, OUT>(x, clip, a.p1, a.p2, plan, dev, sms, optin, codes, scales, corr);
     return;
   }
+  Args b = a;
+  at::Tensor eye;  // the left-only kernel does not apply: the other kernels take the identity right factor explicitly
+  if (a.left) {
+    eye = at::eye(a.n2, x.options().dtype(at::kFloat));
+    b.p2 = eye.data_ptr<float>();
+    b.left = false;
+    if (tc::make_plan(x, mode, hb, b.n1, b.n2, OUT, sms, optin, per_sm, false, plan)) {
+      if (tc::fast_mode()) tc::dispatch_tc<true, OUT>(x, clip, b.p1, b.p2, plan, dev, sms, optin, codes, scales, corr);
+      else tc::dispatch_tc<false, OUT>(x, clip, b.p1, b.p2, plan, dev, sms, optin, codes, scales, corr);
+      return;
+    }
+  }
   switch (x.scalar_type()) {
-    case at::kHalf: dispatch_scalar<at::Half, OUT>(mode, x, clip, hb, a.p1, a.p2, a.n1, a.n2, codes, scales, corr); break;
+    case at::kHalf: dispatch_scalar<at::Half, OUT>(mode, x, clip, hb, b.p1, b.p2, b.n1, b.n2, codes, scales, corr); break;
     case at::kBFloat16:
-      dispatch_scalar<at::BFloat16, OUT>(mode, x, clip, hb, a.p1, a.p2, a.n1, a.n2, codes, scales, corr);
+      dispatch_scalar<at::BFloat16, OUT>(mode, x, clip, hb, b.p1, b.p2, b.n1, b.n2, codes, scales, corr);
       break;
-    case at::kFloat: dispatch_scalar<float, OUT>(mode, x, clip, hb, a.p1, a.p2, a.n1, a.n2, codes, scales, corr); break;
+    case at::kFloat: dispatch_scalar<float, OUT>(mode, x, clip, hb, b.p1, b.p2, b.n1, b.n2, codes, scales, corr); break;
     default: TORCH_CHECK(false, "act_quant: x must be float16, bfloat16 or float32");
   }
 }

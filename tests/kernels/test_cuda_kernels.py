@@ -44,6 +44,12 @@ ACT_TC_CASES = [
     (2, 4096, 0, 128),  # Kronecker 128 x 32 (rectangular, n1 > n2)
     (2, 11008, 0, 86),  # Kronecker 86 x 128: n1 padded to 96 (a shared zero row), 8 units per token
     (2, 2560, 0, 20),  # Kronecker 20 x 128: n1 padded to 32
+    # left-only Kronecker (identity right factor passed as p2=None: FlatQuant's o_proj transform, heads (x) I):
+    (3, 4096, 0, 32),  # 32 heads x 128: the left-only kernel, step 2 only
+    (3, 4096, 0, 64),  # 64 x 64
+    (3, 11008, 0, 86),  # n1 padded to 96
+    (3, 2560, 0, 20),  # n1 padded to 32
+    (3, 4096, 0, 128),  # n1 128: no narrow variant, so the general kernel with an explicit identity
 ]
 # no transform: the vectorised kernel (fp16 / bf16, K % 8 == 0, K <= 16384; 1..16 16-byte vectors per thread,
 # the last one partly used) or, past those limits, the scalar kernel; identical codes either way
@@ -63,15 +69,23 @@ PRECISE_MAX_FLIPS, PRECISE_SCALE_TOL = 1e-2, 1e-5
 ACT_TOKENS = [1, 37, 300, 1501]
 
 
+LEFT = 3  # case tag: Kronecker with an identity right factor, passed as p2=None (the op's mode 2)
+
+
+def _op_mode(mode: int) -> int:
+    return reference.MODE_KRONECKER if mode == LEFT else mode
+
+
 def _act_inputs(mode: int, k: int, n1: int, m: int, seed: int, dtype: torch.dtype = torch.float16):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=gen) * 2 + 0.1).to(dtype)
     clip = torch.tensor(0.9)
     p1 = p2 = None
-    if mode == 2:
+    if mode in (2, LEFT):
         n2 = k // n1
         p1 = torch.randn(n1, n1, generator=gen) / n1**0.5 + torch.eye(n1)
-        p2 = torch.randn(n2, n2, generator=gen) / n2**0.5 + torch.eye(n2)
+        if mode == 2:
+            p2 = torch.randn(n2, n2, generator=gen) / n2**0.5 + torch.eye(n2)
     return x, clip, p1, p2
 
 
@@ -87,9 +101,9 @@ def _dev(t: torch.Tensor | None) -> torch.Tensor | None:
 )
 def test_act_quant(bits: int, mode: int, k: int, hb: int, n1: int, m: int) -> None:
     x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=k + mode + bits + m)
-    codes_ref, scale_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
+    codes_ref, scale_ref = reference.act_quant_ref(x.double(), bits, clip, _op_mode(mode), hb, p1, p2)
     _poison(m * k)
-    codes, scale = torch.ops.qaas.act_quant(x.to(DEV), bits, clip.to(DEV), mode, hb, _dev(p1), _dev(p2))
+    codes, scale = torch.ops.qaas.act_quant(x.to(DEV), bits, clip.to(DEV), _op_mode(mode), hb, _dev(p1), _dev(p2))
     torch.cuda.synchronize()
     assert codes.shape == (m, k if bits == 8 else k // 2) and codes.dtype == torch.uint8 and scale.shape == (m,)
     codes, scale = codes.cpu(), scale.cpu()
@@ -134,13 +148,14 @@ def _check_s8(q, s, c, q_ref, s_ref, c_ref, exact: bool, max_flips: float, scale
     + [c + (37, torch.float16) for c in ACT_SCALAR_CASES]
     + [c + (m, dt) for c in ACT_NONE_CASES for m in (1, 300) for dt in (torch.float16, torch.bfloat16)]
     + [(0, 4096, 0, 0, 37, torch.float32)]  # no transform, fp32: scalar kernel
-    + [(2, 4096, 0, 64, 37, torch.bfloat16), (1, 4096, 4096, 0, 37, torch.float32)],  # scalar kernel: bf16/fp32
+    + [(2, 4096, 0, 64, 37, torch.bfloat16), (1, 4096, 4096, 0, 37, torch.float32)]  # scalar kernel: bf16/fp32
+    + [(LEFT, 4096, 0, 32, 37, torch.bfloat16)],  # left-only, bf16: scalar kernel with an explicit identity
 )
 def test_act_quant_s8(mode: int, k: int, hb: int, n1: int, m: int, dtype: torch.dtype) -> None:
     x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=3 * k + mode + m, dtype=dtype)
-    q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
+    q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, _op_mode(mode), hb, p1, p2)
     _poison(m * k)
-    q, s, c = torch.ops.qaas.act_quant_s8(x.to(DEV), clip.to(DEV), mode, hb, _dev(p1), _dev(p2))
+    q, s, c = torch.ops.qaas.act_quant_s8(x.to(DEV), clip.to(DEV), _op_mode(mode), hb, _dev(p1), _dev(p2))
     torch.cuda.synchronize()
     tc = (mode, k, hb, n1) in ACT_TC_CASES and dtype == torch.float16
     max_flips, scale_tol = (TC_MAX_FLIPS, TC_SCALE_TOL) if tc else (PRECISE_MAX_FLIPS, PRECISE_SCALE_TOL)
@@ -153,7 +168,7 @@ sys.path.insert(0, "tests/kernels")
 import kernels
 from kernels import reference
 from quant.quantizers.packing import unpack_int4
-from test_cuda_kernels import ACT_TC_CASES, _act_inputs, _check_s8, _dev, _poison
+from test_cuda_kernels import ACT_TC_CASES, _act_inputs, _check_s8, _dev, _op_mode, _poison
 from kernel_test_utils import rel_err
 max_flips, scale_tol = float(sys.argv[1]), float(sys.argv[2])
 assert kernels.available() and kernels.ops.CUDA_KERNELS_REGISTERED
@@ -161,18 +176,18 @@ for mode, k, hb, n1 in ACT_TC_CASES:
     for m in (1, 1501):
         x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=7 * k + mode + m)
         for bits in (8, 4):
-            codes_ref, scale_ref = reference.act_quant_ref(x.double(), bits, clip, mode, hb, p1, p2)
+            codes_ref, scale_ref = reference.act_quant_ref(x.double(), bits, clip, _op_mode(mode), hb, p1, p2)
             _poison(m * k)
-            codes, scale = torch.ops.qaas.act_quant(x.cuda(), bits, clip.cuda(), mode, hb, _dev(p1), _dev(p2))
+            codes, scale = torch.ops.qaas.act_quant(x.cuda(), bits, clip.cuda(), _op_mode(mode), hb, _dev(p1), _dev(p2))
             codes, scale = codes.cpu(), scale.cpu()
             assert torch.isfinite(scale).all() and rel_err(scale, scale_ref) < scale_tol, (mode, k, m, bits)
             u, u_ref = (unpack_int4(codes), unpack_int4(codes_ref)) if bits == 4 else (codes, codes_ref)
             diff = (u.int() - u_ref.int()).abs()
             flips = float((diff > 0).float().mean())
             assert int(diff.max()) <= 1 and flips < max_flips, (mode, k, m, bits, int(diff.max()), flips)
-        q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, mode, hb, p1, p2)
+        q_ref, s_ref, c_ref = reference.act_quant_s8_ref(x.double(), clip, _op_mode(mode), hb, p1, p2)
         _poison(m * k)
-        q, s, c = torch.ops.qaas.act_quant_s8(x.cuda(), clip.cuda(), mode, hb, _dev(p1), _dev(p2))
+        q, s, c = torch.ops.qaas.act_quant_s8(x.cuda(), clip.cuda(), _op_mode(mode), hb, _dev(p1), _dev(p2))
         _check_s8(q, s, c, q_ref, s_ref, c_ref, exact=False, max_flips=max_flips, scale_tol=scale_tol)
 print("ok")
 """

@@ -38,6 +38,35 @@ def test_kronecker_matches_dense_kron() -> None:
     assert torch.allclose(reference.kronecker_transform(x, p1, p2), x @ torch.kron(p1, p2), atol=1e-12)
 
 
+def test_kronecker_identity_right_factor_is_left_product() -> None:
+    """``p2=None`` (FlatQuant's o_proj transform, heads (x) I) is the product with the identity right factor."""
+    p1 = torch.randn(4, 4, dtype=torch.float64)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    expected = reference.kronecker_transform(x, p1, torch.eye(6, dtype=torch.float64))
+    assert torch.allclose(reference.kronecker_transform(x, p1, None), expected, atol=1e-12)
+    with pytest.raises(ValueError):
+        reference.kronecker_transform(x, torch.randn(5, 5, dtype=torch.float64), None)
+
+
+def test_dispatch_leaves_out_an_identity_right_factor() -> None:
+    """The deployed KroneckerTransform with an identity right factor runs as left-only Kronecker (p2 not passed),
+    and the kernel path still matches the layer's reference forward."""
+    from quant.transforms.kronecker import KroneckerTransform
+
+    g = torch.Generator().manual_seed(3)
+    left = torch.linalg.qr(torch.randn(8, 8, generator=g))[0] + 0.05 * torch.randn(8, 8, generator=g)
+    layer = make_layer(128, 48, 8, 8, transform=KroneckerTransform(left, torch.eye(16)), clip=0.95)
+    plan = dispatch.plan_for(layer)
+    assert plan is not None and plan.transform.kind == "kronecker"
+    assert plan.transform.p1_name and plan.transform.p2_name == ""
+    x = torch.randn(5, 128, generator=g) * 2
+    out = dispatch.quant_linear_forward(layer, x)
+    assert rel_err(out, layer.reference_forward(x)) < 1e-2
+    # a right factor that is not exactly the identity is passed
+    other = make_layer(128, 48, 8, 8, transform=KroneckerTransform(left, torch.eye(16) * 1.5), clip=0.95)
+    assert dispatch.plan_for(other).transform.p2_name != ""
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_act_quant_ref_agrees_with_fake_quantize(bits: int, mode: int) -> None:
