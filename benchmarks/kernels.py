@@ -109,11 +109,11 @@ def transform_cases(k: int, gen: torch.Generator) -> list[TransformCase]:
 def kron_heads_case(k: int, heads: int = 32) -> TransformCase:
     """FlatQuant's deployed o_proj transform on rows of ``k``: a heads factor (identity plus a random matrix scaled
     by 1/sqrt(heads), from its own generator so that ``transform_cases``' draws stay as before) (x) the identity of
-    the head dimension, passed to the kernel as a dense right factor (as ``quant.transforms.KroneckerTransform``
-    does)."""
+    the head dimension, called as ``kernels.dispatch`` calls it for the deployed ``KroneckerTransform``: p2=None
+    (left-only Kronecker, the right product skipped)."""
     gen = torch.Generator(device="cuda").manual_seed(1234)
     p1 = torch.randn(heads, heads, generator=gen, device="cuda") / heads**0.5 + torch.eye(heads, device="cuda")
-    return (f"kronecker-heads {heads}x{k // heads}", 2, 0, p1, torch.eye(k // heads, device="cuda"))
+    return (f"kronecker-heads {heads}x{k // heads}", 2, 0, p1, None)
 
 
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:

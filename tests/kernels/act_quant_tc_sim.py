@@ -32,9 +32,15 @@ def rmax_narrow(n1: int) -> int:
     return 64 // n1 if n1 <= 64 else (1 if n1 <= 96 else 0)
 
 
-def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int) -> int:
-    # P fragments, one zero row, X (compact rows: K / n2 per token, n2 + 8 halves each) x 2 buffers
-    return 2 * (N1 * N1 + n2 * n2) * (2 if lo else 1) + (n2 + 8) * 2 + 2 * TB * (K // n2) * (n2 + 8) * 2
+def smem_bytes(N1: int, n1: int, n2: int, lo: bool, TB: int, K: int, left: bool = False) -> int:
+    # P fragments (left-only: no P2), one zero row, X (compact rows: K / n2 per token, n2 + 8 halves each) x 2
+    return (2 * (N1 * N1 + (0 if left else n2 * n2)) * (2 if lo else 1) + (n2 + 8) * 2
+            + 2 * TB * (K // n2) * (n2 + 8) * 2)
+
+
+def min_blocks(n1: int, rmax: int) -> int:
+    """Blocks per SM the kernel is compiled for (__launch_bounds__): narrow 3 (n1 <= 64) or 2, wide 1."""
+    return (3 if n1 <= 64 else 2) if rmax == rmax_narrow(n1) else 1
 
 
 def slot_of_col(p):
@@ -85,6 +91,17 @@ def ldsm_x4(sm: np.ndarray, addr: np.ndarray) -> np.ndarray:
     return r
 
 
+def ldsm_x4_trans(sm: np.ndarray, addr: np.ndarray) -> np.ndarray:
+    """ldmatrix.x4.trans (b16): the same row addresses; reg m = (rows 2t, 2t+1; col g) of matrix m."""
+    assert np.all(addr % 8 == 0), "ldmatrix rows must be 16-byte aligned"
+    r = np.empty((32, 4, 2), F16)
+    for m in range(4):
+        mat = np.stack([sm[addr[8 * m + rr] : addr[8 * m + rr] + 8] for rr in range(8)])
+        r[:, m, 0] = mat[2 * T, G]
+        r[:, m, 1] = mat[2 * T + 1, G]
+    return r
+
+
 def lds128(sm: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Each lane's 8 consecutive halves at idx (halves) as [32, 4 regs, 2 halves] (reg 0 = halves 0, 1)."""
     assert np.all(idx % 8 == 0)
@@ -106,9 +123,12 @@ def warp_max(v: np.ndarray) -> F32:
 # ------------------------------------------------------------------------------------ host plan
 def make_plan(
     M: int, K: int, mode: int, hb: int, n1: int, n2: int, out: int, fast: bool, sms: int,
-    smem_optin: int = 232448, smem_per_sm: int = 233472, wide_only: bool = False,
+    smem_optin: int = 232448, smem_per_sm: int = 233472, wide_only: bool = False, left: bool = False,
 ):
-    """The host's tc::make_plan (H100 shared-memory limits by default)."""
+    """The host's tc::make_plan (H100 shared-memory limits by default). ``left``: identity right factor (the
+    left-only kernel: FAST, narrow variants only)."""
+    if left and (mode != 2 or not fast):
+        return None
     if mode == 1:
         if hb < 256 or hb > 16384:
             return None
@@ -127,7 +147,7 @@ def make_plan(
     n1_real, n1 = n1, (n1 + 15) // 16 * 16  # the kernel pads n1 to a multiple of 16 (N1)
     U = (K // (n1_real * n2)) * (n2 // 16)
     lo = (not fast) and not had
-    for narrow in ((0,) if wide_only else (1, 0)):
+    for narrow in ((1,) if left else (0,) if wide_only else (1, 0)):
         rmax = rmax_narrow(n1) if narrow else rmax_wide(n1)
         slots = WARPS * rmax
         if rmax == 0 or U > slots:
@@ -135,12 +155,12 @@ def make_plan(
         limit = smem_per_sm // 2 - 2048 if narrow else smem_optin - 1024
         blocks = sms * (2 if narrow else 1)
         TB = max(1, min(min(MAX_TB, slots // U), (M + blocks - 1) // blocks))
-        while TB > 1 and smem_bytes(n1, n1_real, n2, lo, TB, K) > limit:
+        while TB > 1 and smem_bytes(n1, n1_real, n2, lo, TB, K, left) > limit:
             TB -= 1
-        if smem_bytes(n1, n1_real, n2, lo, TB, K) > limit:
+        if smem_bytes(n1, n1_real, n2, lo, TB, K, left) > limit:
             continue
-        return dict(n1=n1, n1_real=n1_real, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB,
-                    nrounds=(M + TB - 1) // TB, smem=smem_bytes(n1, n1_real, n2, lo, TB, K))
+        return dict(n1=n1, n1_real=n1_real, n2=n2, had=had, norm=norm, rmax=rmax, TB=TB, left=left,
+                    nrounds=(M + TB - 1) // TB, smem=smem_bytes(n1, n1_real, n2, lo, TB, K, left))
     return None
 
 
@@ -159,18 +179,20 @@ def act_quant_tc_sim(
     wide_only: bool = False,
 ):
     """Returns (codes, scales, corr) as the kernel writes them, or None where the kernel does not apply.
-    ``grid`` (default min(nrounds, sms)) sets the persistent grid, to exercise several rounds per block."""
+    ``grid`` (default min(nrounds, sms)) sets the persistent grid, to exercise several rounds per block.
+    Kronecker with ``p2=None``: the identity right factor (the left-only kernel)."""
     x = np.ascontiguousarray(x, dtype=F16)
     M, K = x.shape
     n1 = p1.shape[0] if p1 is not None else 0
-    n2 = p2.shape[0] if p2 is not None else 0
-    plan = make_plan(M, K, mode, hb, n1, n2, out, fast, sms, wide_only=wide_only)
+    left = mode == 2 and p2 is None
+    n2 = p2.shape[0] if p2 is not None else (K // n1 if left else 0)
+    plan = make_plan(M, K, mode, hb, n1, n2, out, fast, sms, wide_only=wide_only, left=left)
     if plan is None:
         return None
     N1, n1r, n2, had, norm, TB, nrounds, RMAX = (
         plan[k] for k in ("n1", "n1_real", "n2", "had", "norm", "TB", "nrounds", "rmax"))
     if grid is None:
-        grid = min(nrounds, sms * (2 if RMAX == rmax_narrow(N1) else 1))
+        grid = min(nrounds, sms * min_blocks(N1, RMAX))
     NB1 = N1 // 16
     QMAX = 7 if out == OUT_U4 else 127
     lo = (not fast) and not had
@@ -243,7 +265,8 @@ def act_quant_tc_sim(
                     if lo:
                         dl[q * 8 + hh] = F16(p - F32(h))
 
-        stage(NB2, True, sp2h, sp2l)
+        if not left:
+            stage(NB2, True, sp2h, sp2l)
         stage(NB1, False, sp1h, sp1l)
         # (the layout is the one afrag_pos / slot_of_col describe: checked in test_act_quant_tc_sim)
         lrow = (LANE & 7) + ((LANE >> 4) << 3)
@@ -267,33 +290,44 @@ def act_quant_tc_sim(
                         continue
                     tb, v = divmod(u, U)
                     c, jt = divmod(v, NB2)
-                    acc = np.zeros((2 * NB1, 32, 4), F32)
-                    xrow = [np.where(na * 16 + lrow >= n1r, ZERO + lcol,
-                                     xb + tb * xtok + (c * n1r + na * 16 + lrow) * xstr + lcol) for na in range(NB1)]
-                    f2 = (jt * NB2) * 256 + LANE * 8
-                    for kb in range(NB2):
-                        ah = lds128(sp2h, f2 + kb * 256).astype(np.float64)
-                        al = lds128(sp2l, f2 + kb * 256).astype(np.float64) if lo else None
-                        for na in range(NB1):
-                            bb = ldsm_x4(sxz, xrow[na] + kb * 16).astype(np.float64)
-                            acc[2 * na] = mma16816(acc[2 * na], ah, bb[:, 0], bb[:, 1])
-                            acc[2 * na + 1] = mma16816(acc[2 * na + 1], ah, bb[:, 2], bb[:, 3])
-                            if lo:
-                                acc[2 * na] = mma16816(acc[2 * na], al, bb[:, 0], bb[:, 1])
-                                acc[2 * na + 1] = mma16816(acc[2 * na + 1], al, bb[:, 2], bb[:, 3])
-                    mx = warp_max(np.abs(acc))
-                    ebits = int(np.array([mx], F32).view(np.int32)[0] >> 23) & 0xFF
-                    ef = min(max(268 - ebits, 27), 227)
-                    f = np.array([ef << 23], np.int32).view(F32)[0]
-                    finv = np.array([(254 - ef) << 23], np.int32).view(F32)[0]
-                    th = np.zeros((NB1, 2, 2, 32, 2), F16)
-                    tl = np.zeros((NB1, 2, 2, 32, 2), F16)
-                    for ka in range(NB1):
-                        for ns in range(2):
-                            for half in range(2):
-                                src = acc[2 * ka + half]
-                                hi, lw = split_pair(src[:, 2 * ns] * f, src[:, 2 * ns + 1] * f, fast)
-                                th[ka, ns, half], tl[ka, ns, half] = hi, lw
+                    if left:  # T = X: step 2's B fragments straight from X by ldmatrix.trans, natural columns
+                        finv = F32(1.0)
+                        th = np.zeros((NB1, 2, 2, 32, 2), F16)
+                        tl = np.zeros((NB1, 2, 2, 32, 2), F16)
+                        for ka in range(NB1):
+                            row = ka * 16 + (LANE & 7) + (((LANE >> 3) & 1) << 3)
+                            col = jt * 16 + ((LANE >> 4) << 3)
+                            addr = np.where(row >= n1r, ZERO + col, xb + tb * xtok + (c * n1r + row) * xstr + col)
+                            bb = ldsm_x4_trans(sxz, addr)
+                            th[ka, 0, 0], th[ka, 0, 1], th[ka, 1, 0], th[ka, 1, 1] = (bb[:, m] for m in range(4))
+                    else:
+                        acc = np.zeros((2 * NB1, 32, 4), F32)
+                        xrow = [np.where(na * 16 + lrow >= n1r, ZERO + lcol,
+                                         xb + tb * xtok + (c * n1r + na * 16 + lrow) * xstr + lcol) for na in range(NB1)]
+                        f2 = (jt * NB2) * 256 + LANE * 8
+                        for kb in range(NB2):
+                            ah = lds128(sp2h, f2 + kb * 256).astype(np.float64)
+                            al = lds128(sp2l, f2 + kb * 256).astype(np.float64) if lo else None
+                            for na in range(NB1):
+                                bb = ldsm_x4(sxz, xrow[na] + kb * 16).astype(np.float64)
+                                acc[2 * na] = mma16816(acc[2 * na], ah, bb[:, 0], bb[:, 1])
+                                acc[2 * na + 1] = mma16816(acc[2 * na + 1], ah, bb[:, 2], bb[:, 3])
+                                if lo:
+                                    acc[2 * na] = mma16816(acc[2 * na], al, bb[:, 0], bb[:, 1])
+                                    acc[2 * na + 1] = mma16816(acc[2 * na + 1], al, bb[:, 2], bb[:, 3])
+                        mx = warp_max(np.abs(acc))
+                        ebits = int(np.array([mx], F32).view(np.int32)[0] >> 23) & 0xFF
+                        ef = min(max(268 - ebits, 27), 227)
+                        f = np.array([ef << 23], np.int32).view(F32)[0]
+                        finv = np.array([(254 - ef) << 23], np.int32).view(F32)[0]
+                        th = np.zeros((NB1, 2, 2, 32, 2), F16)
+                        tl = np.zeros((NB1, 2, 2, 32, 2), F16)
+                        for ka in range(NB1):
+                            for ns in range(2):
+                                for half in range(2):
+                                    src = acc[2 * ka + half]
+                                    hi, lw = split_pair(src[:, 2 * ns] * f, src[:, 2 * ns + 1] * f, fast)
+                                    th[ka, ns, half], tl[ka, ns, half] = hi, lw
                     yr = np.zeros((NB1, 2, 32, 4), F32)
                     f1 = LANE * 8
                     for mi in range(NB1):
@@ -323,7 +357,7 @@ def act_quant_tc_sim(
                     tb, v = divmod(u, U)
                     c, jt = divmod(v, NB2)
                     scale = max(F32(F32(s_amax[tb] * clip_ratio) / F32(QMAX)), F32(1e-8))
-                    e0 = c * n1r * n2 + jt * 16 + 4 * T
+                    e0 = c * n1r * n2 + jt * 16 + (2 if left else 4) * T
                     inv_scale = F32(F32(1.0) / scale)
                     yr, s = y[(warp, r)], ysc[(warp, r)]
                     rsum = 0
@@ -346,7 +380,19 @@ def act_quant_tc_sim(
                                 ]
                             base = (m0 + tb) * CB  # straight into the token's row of the output
                             e, qs = e[keep], [qq[keep] for qq in qs]
-                            if out == OUT_U4:
+                            if left:  # columns 2t, 2t+1 and 2t+8, 2t+9: two 2-byte (int4: 1-byte) stores
+                                z = 8 if out == OUT_U4 else (0 if out == OUT_S8 else 128)
+                                cu = [(qq + z) & 0xFF for qq in qs]
+                                if out == OUT_U4:
+                                    assert np.all(e % 2 == 0)
+                                    codes[base + (e >> 1)] = cu[0] | (cu[1] << 4)
+                                    codes[base + ((e + 8) >> 1)] = cu[2] | (cu[3] << 4)
+                                else:
+                                    for k, off in enumerate((0, 1, 8, 9)):
+                                        codes[base + e + off] = cu[k]
+                                if out == OUT_S8:
+                                    rsum += int(sum(int(qq.sum()) for qq in qs))
+                            elif out == OUT_U4:
                                 w = (qs[0] + 8) | ((qs[1] + 8) << 4) | ((qs[2] + 8) << 8) | ((qs[3] + 8) << 12)
                                 assert np.all(e % 4 == 0)
                                 codes[base + (e >> 1)] = w & 0xFF

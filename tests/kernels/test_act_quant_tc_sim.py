@@ -112,6 +112,33 @@ def test_tc_emulation_fast_mode(mode, k, hb, n1, m, out) -> None:
     assert float((s - s_ref.double()).norm() / s_ref.double().norm()) < 2e-3
 
 
+@pytest.mark.parametrize("k,n1,m,out,sms,grid", [
+    (4096, 32, 5, OUT_S8, 2, 1),  # FlatQuant's o_proj: 32 heads (x) I_128, several rounds in one block
+    (4096, 64, 9, OUT_U8, 2, 2),  # 64 (x) I_64, ragged last round
+    (11008, 86, 2, OUT_U4, 132, None),  # n1 padded to 96: zero row, padding rows not stored
+    (2560, 20, 3, OUT_S8, 2, 1),  # n1 padded to 32
+])
+def test_tc_emulation_left_only(k, n1, m, out, sms, grid) -> None:
+    """Kronecker with the identity right factor (p2=None): the left-only kernel's ldmatrix.trans B fragments and
+    natural-order two-store output match the reference of P1^T X; X is exact in fp16, so only P1's fp16 rounding
+    moves codes."""
+    x, p1, _ = _inputs(2, k, n1, m, seed=5 * k + m)
+    clip = torch.tensor(0.9)
+    res = act_quant_tc_sim(x.numpy(), 0.9, 2, 0, p1.numpy(), None, out, fast=True, sms=sms, grid=grid)
+    assert res is not None
+    codes, scale, corr = res
+    if out == OUT_S8:
+        assert np.array_equal(corr.astype(np.int64), 128 * codes.astype(np.int64).sum(1))
+    u, u_ref, s_ref = _codes_vs_reference(codes, x, clip, 2, 0, p1, None, out)
+    diff = (u - u_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02
+    s = torch.from_numpy(scale.astype(np.float64))
+    assert float((s - s_ref.double()).norm() / s_ref.double().norm()) < 2e-3
+    # the left-only kernel is FAST-only and narrow-only: the compensated mode takes the general kernel
+    assert make_plan(m, k, 2, 0, n1, k // n1, out, False, 132, left=True) is None
+    assert make_plan(2048, 4096, 2, 0, 32, 128, OUT_S8, True, 132, left=True)["TB"] == 2
+
+
 def test_fragment_staging_layout() -> None:
     """The fragment-order staging (lane's 8 halves from A rows {g, g+8} x columns {2t, 2t+1, 2t+8, 2t+9}, P2 rows
     in output-slot order) lands every element where ``afrag_pos`` / ``slot_of_col`` (the m16n8k16 A layout and
