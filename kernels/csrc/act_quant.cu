@@ -804,9 +804,8 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         for (int mi = 0; mi < NB1; ++mi)
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
-            // padding rows lie in the last 16-row tile only (n1 > N1 - 16): their Y is exactly zero (zero rows of
-            // P1), so they are quantized along (code 0, nothing added to rsum) and only their store is predicated off
-            const bool keep = mi != NB1 - 1 || mi * 16 + g + 8 * hr < n1;
+            // padding rows (zero, not part of the output) lie in the last 16-row tile only (n1 > N1 - 16)
+            if (mi == NB1 - 1 && mi * 16 + g + 8 * hr >= n1) continue;
             uint32_t w;
             if constexpr (FAST) {
               w = quant4_fast<OUT>(y[r][mi][0][2 * hr], y[r][mi][0][2 * hr + 1], y[r][mi][1][2 * hr],
@@ -827,7 +826,6 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
               }
             }
             uint8_t* dst = cbase + (2 * mi + hr) * rows8;
-            if (!keep) continue;
             if constexpr (LEFT) {
               if constexpr (OUT == kOutU4) {
                 dst[0] = (uint8_t)w;
