@@ -24,6 +24,8 @@
 //   T = T_hi + T_lo in fp16, Y ~= P1hi^T Thi + P1hi^T Tlo + P1lo^T Thi with T = X P2hi + X P2lo (Hadamard: P
 //   exact, only T is split), 5 products (Hadamard 3) and the true division: float32-accurate. H100, 2048x4096,
 //   Kronecker 64x64: 27 us FAST vs 38.5 us compensated (no transform: 18.5 us).
+//   Left-only Kronecker (p2 absent: identity right factor, FlatQuant's o_proj transform heads (x) I): step 1 is
+//   skipped, X itself is step 2's B operand (ldmatrix.trans), FAST mode and narrow variants only.
 //   Y stays in registers; per-token absmax by warp redux + shared atomics; each lane stores its 4 consecutive
 //   codes of a row straight to global memory (a warp's j-tile and its neighbour's fill each 32-byte sector);
 //   a round's scales / row sums are written after the next round's barrier (double-buffered by parity).
