@@ -226,17 +226,24 @@ def act_quant_tc_sim(
         s_sum = np.zeros(MAX_TB, np.int64)
 
         def issue(rnd: int, buf: int) -> None:
+            # the round's tokens are consecutive rows of x and of the buffer: one range of 16-byte pieces; piece w
+            # lands at halves 8 (w + w // W); the kernel's multiply-high row index, and (W dividing the block's 256
+            # threads) its per-thread constant step of 256 pieces = 256 + 256 / W staged pieces
             m0 = rnd * TB
-            nt = min(TB, M - m0)
-            per_tok, W = K >> 3, n2 >> 3
+            total = min(TB, M - m0) * (K >> 3)
+            W = n2 >> 3
             wmagic = (0xFFFFFFFF // W + 1) & 0xFFFFFFFF
-            for tb in range(nt):
-                for w in range(per_tok):
+            threads = WARPS * 32
+            dst = xstr + buf * TB * xtok
+            for tid in range(threads):
+                d = 8 * (tid + ((tid * wmagic) >> 32))
+                for w in range(tid, total, threads):
                     r = (w * wmagic) >> 32  # __umulhi(w, ceil(2^32 / W)) = w // W
                     assert r == w // W
-                    d = xstr + (buf * TB + tb) * xtok + 8 * (w + r)
-                    q = tb * per_tok + w
-                    sxz[d : d + 8] = xflat[m0 * K + q * 8 : m0 * K + q * 8 + 8]
+                    if threads % W == 0:
+                        assert d == 8 * (w + r)
+                        d += 8 * (threads + threads // W)
+                    sxz[dst + 8 * (w + r) : dst + 8 * (w + r) + 8] = xflat[m0 * K + w * 8 : m0 * K + w * 8 + 8]
 
         if block < nrounds:
             issue(block, 0)
