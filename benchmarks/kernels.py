@@ -273,7 +273,7 @@ LAYER_REPEATS = 5
 
 # What the service's methods apply online before each group (quant/methods): FlatQuant a Kronecker transform before
 # every group, o_proj's being the heads factor only, O (x) I_head_dim (the head-dim factor is folded into v_proj's
-# output: flatquant.py, right_online=False; the kernel still multiplies by the identity right factor); QuaRot and
+# output: flatquant.py, right_online=False; dispatch passes no right factor and the kernel skips it); QuaRot and
 # OSTQuant one block Hadamard before down_proj (the residual rotation and the per-head Hadamard are folded offline).
 DEPLOYED_ONLINE = {
     "kronecker": ("o_proj heads-only", {"qkv": "kronecker", "o_proj": "kronecker-heads", "gate_up": "kronecker",
@@ -335,13 +335,13 @@ def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
             group_t.setdefault(name, {})[label] = t
             group_aq.setdefault(name, {})[label] = aq
             totals[f"aq_extra_{label}"] = totals.get(f"aq_extra_{label}", 0.0) + aq - aq_none
-            row = dict(kernel=f"{name}: act_quant_s8 [{kind}] + wgmma GEMM (cfg {cfg})", us=t, K=k, N=n, M=m,
+            row = dict(kernel=f"{name}: act_quant_s8 [{kind}] + wgmma GEMM (cfg {cfg})", group=name, us=t, K=k, N=n, M=m,
                        speedup=t_fp16 / t, act_quant_us=aq)
             if label != "none":
                 row["transform_overhead_pct"] = 100.0 * (t - t_none) / t
             rows.append(row)
         totals["fp16"] = totals.get("fp16", 0.0) + t_fp16
-        rows.append(dict(kernel=f"{name}: fp16 cuBLAS (F.linear)", us=t_fp16, K=k, N=n, M=m))
+        rows.append(dict(kernel=f"{name}: fp16 cuBLAS (F.linear)", group=name, us=t_fp16, K=k, N=n, M=m))
         del wq, xs
         torch.cuda.empty_cache()
     for label in ("none", "hadamard", "kronecker"):
@@ -413,7 +413,7 @@ def layer_markdown(rows: list[dict], device: str) -> str:
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         ov = f"{r['transform_overhead_pct']:.1f}" if "transform_overhead_pct" in r else "-"
-        grp = r["kernel"].split(":")[0] if ":" in r["kernel"] else "layer"
+        grp = r.get("group", "layer")
         lines.append(f"| {grp} | {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['us']:.1f} | {sp} | {ov} |")
     return "\n".join(lines) + "\n"
 

@@ -400,19 +400,19 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t saddr) {
                : "memory");
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gptr) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gptr) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t saddr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(saddr)
                : "memory");
 }
+
+__device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gptr) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gptr) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ uint4 lds128(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
 
@@ -687,7 +687,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           float acc[2 * NB1][4];
           // ldmatrix row address of each 16-row a-tile: chunk c's row na * 16 + lrow, or the zero row (padding)
           uint32_t xrow[NB1];
-  #pragma unroll
+#pragma unroll
           for (int na = 0; na < NB1; ++na) {
             const int row = na * 16 + lrow;
             xrow[na] = row >= n1 ? szero_addr + (uint32_t)lcol * 2u
@@ -705,7 +705,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
               const uint4 vl = lds128(f2l + kb * 256);
               al[0] = vl.x; al[1] = vl.y; al[2] = vl.z; al[3] = vl.w;
             }
-  #pragma unroll
+#pragma unroll
             for (int na = 0; na < NB1; ++na) {
               uint32_t b[4];
               ldsm_x4(b, xrow[na] + (uint32_t)kb * 32u);
@@ -723,7 +723,7 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
             }
           };
           kstep(0, std::true_type{});
-  #pragma unroll kKbUnroll
+#pragma unroll kKbUnroll
           for (int kb = 1; kb < NB2; ++kb) kstep(kb, std::false_type{});
           // ---- power-of-two scaling of T into [2^14, 2^15) (fp16 range), then fp16 B fragments of step 2
           float mx = absmax_tree<8 * NB1>(&acc[0][0]);
@@ -732,9 +732,9 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           const int ef = min(max(268 - ebits, 27), 227);                  // biased exponent of f = 2^(141-E)
           const float f = __int_as_float(ef << 23);
           finv = __int_as_float((254 - ef) << 23);
-  #pragma unroll
+#pragma unroll
           for (int ka = 0; ka < NB1; ++ka)
-  #pragma unroll
+#pragma unroll
             for (int ns = 0; ns < 2; ++ns) {
               // B fragment (k = a in 16 ka.., n = slots 8 ns..): {T[2t..][g], T[2t+8..][g]} =
               // acc of a-tiles 2ka, 2ka+1 at slot row g (ns 0: c0,c1) or g+8 (ns 1: c2,c3)
