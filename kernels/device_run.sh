@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, build the extension, run the kernel tests, run the
 # benchmarks. Logs and result tables go to $OUT (default ./out). Usage: bash kernels/device_run.sh [stages]
-# stages: any of build,test,bench,ncu,kv,e2e (default build,test,bench,e2e).
+# stages: any of build,test,bench,ncu,aqprof,transform,kv,e2e (default build,test,bench,e2e).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}
@@ -47,6 +47,12 @@ if [[ $STAGES == *aqprof* ]]; then
     timeout 150 ncu --clock-control none --launch-skip 2 --launch-count 1 --kernel-name regex:act_quant --section SourceCounters --page source --print-source sass --csv python3 -m kernels.profile_kernels act_quant --k $k --transform kronecker > "$OUT/aq_sass_$k.csv" 2>&1
   done
   for f in "$OUT"/aq_*.txt; do echo "== $f"; grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Executed Ipc A|stalled|inst_executed.sum|hmma" "$f" | head -40; done
+fi
+if [[ $STAGES == *transform* ]]; then
+  # the online transform's cost: act_quant_s8 alone (incl. the left-only heads transform) and per decoder layer
+  timeout 120 python3 -m benchmarks.act_quant_transform --out "$OUT" 2>&1 | tee "$OUT/act_quant_transform.log" | tail -12
+  timeout 240 python3 -m benchmarks.kernels --sections layer --out "$OUT" > "$OUT/layer.log" 2>&1
+  grep -E "LAYER" "$OUT/layer.log" | head -20
 fi
 if [[ $STAGES == *kv* ]]; then
   timeout 200 python3 -m benchmarks.kv_attention --out "$OUT" 2>&1 | tee "$OUT/kv_attention.log" | tail -40
