@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import dispatch
+from kernels import dispatch, reference
 from quant.quantizers.packing import pack_int4
 from quant.transforms.kronecker import kron_factors
 
@@ -90,6 +90,11 @@ W4A16_VARIANTS = ["4 warps x 4 blocks, double-buffered (v4)", "8 warps x 4 block
                   "16 warps x 2 blocks", "16 warps x 1 block",
                   "smem streaming, TMA bulk copies", "smem streaming, 16-byte cp.async",
                   "smem streaming, 16-byte cp.async, PDL"]
+# kernels/csrc/w4a16_packed.cu kPackedVariants (one packed scale/zero word per row and group)
+W4A16_PACKED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 warps x 1 block, 3 blocks/SM",
+                         "16 warps x 1 block, 3 blocks/SM, PDL", "16 warps x 2 blocks", "16 warps x 2 blocks, PDL",
+                         "8 warps x 4 blocks", "8 warps x 4 blocks, PDL"]
+PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
 
 TransformCase = tuple[str, int, int, "torch.Tensor | None", "torch.Tensor | None"]
@@ -114,6 +119,42 @@ def kron_heads_case(k: int, heads: int = 32) -> TransformCase:
     gen = torch.Generator(device="cuda").manual_seed(1234)
     p1 = torch.randn(heads, heads, generator=gen, device="cuda") / heads**0.5 + torch.eye(heads, device="cuda")
     return (f"kronecker-heads {heads}x{k // heads}", 2, 0, p1, None)
+
+
+def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, m: int, t_fp16: float,
+                          add: Callable[..., None]) -> None:
+    """Rows of the packed-metadata decode kernel (``w4a16_gemm_packed``): its variants back to back, the default
+    and the PDL variant each after a small torch kernel that writes its activations (the decoder's situation:
+    the time of that kernel alone is subtracted), and at 1 token the memory probes over the same byte count."""
+    flops = 2.0 * m * n * k
+    metas = [reference.pack_w4_meta(q[1], q[2]) for q in w4]
+    nbytes = n * k / 2 + 4 * metas[0].numel() + m * k * 2 + m * n * 2
+    t = bench([lambda q=q, mt=mt, x=x: ext.w4a16_gemm_packed(x, q[0], mt, group, None) for q, mt, x in zip(w4, metas, xs4)])
+    add("W4A16 packed-meta gemv (qaas, default)", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+    for v in range(int(ext.w4a16_packed_num_variants())):
+        label = W4A16_PACKED_VARIANTS[v] + (PDL_NOTE if "PDL" in W4A16_PACKED_VARIANTS[v] else "")
+        t = bench([lambda q=q, mt=mt, x=x, v=v: ext.w4a16_gemm_packed_variant(x, q[0], mt, group, None, v)
+                   for q, mt, x in zip(w4, metas, xs4)])
+        add(f"W4A16 packed-meta variant {v}: {label}", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+    # after a producer kernel: x = x_src * 1 (a kernel, not a copy-engine memcpy), then the GEMV on x
+    xbufs = [torch.empty_like(x) for x in xs4]
+    t_prod = bench([lambda x=x, xb=xb: torch.mul(x, 1.0, out=xb) for x, xb in zip(xs4, xbufs)])
+    for v, label in ((-1, "default"), (1, "variant 1, PDL")):
+        t_pair = bench([lambda q=q, mt=mt, x=x, xb=xb, v=v: (torch.mul(x, 1.0, out=xb),
+                                                          ext.w4a16_gemm_packed_variant(xb, q[0], mt, group, None, v))
+                        for q, mt, x, xb in zip(w4, metas, xs4, xbufs)])
+        add(f"W4A16 packed-meta {label}, after a producer kernel ({t_prod:.1f} us, subtracted)", t_pair - t_prod,
+            nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+    if m == 1:
+        probe_bytes = int(n * k / 2 + 4 * metas[0].numel())
+        probe_bytes -= probe_bytes % 16
+        bufs = [torch.randint(0, 255, (probe_bytes,), dtype=torch.uint8, device="cuda") for _ in range(copies(probe_bytes))]
+        for mode, label in ((0, "probe: empty kernel (grid of the one-pass read)"),
+                            (1, f"probe: read {probe_bytes / 1e6:.1f} MB, one pass, 4 x 16 B per thread in flight"),
+                            (2, f"probe: read {probe_bytes / 1e6:.1f} MB, persistent 4 blocks/SM")):
+            t = bench([lambda b=b, mode=mode: ext.memory_probe(b, mode) for b in bufs])
+            add(label, t, 0 if mode == 0 else probe_bytes, 0.0, PEAK_FP16_TFLOPS)
+        del bufs
 
 
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:
@@ -161,6 +202,7 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
                 t = bench([lambda q=q, x=x, v=v: ext.w4a16_gemm_variant(x, q[0], q[1], q[2], group, None, v)
                            for q, x in zip(w4, xs4)])
                 add(f"W4A16 gemv variant {v}: {W4A16_VARIANTS[v]}", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+            add_w4a16_packed_rows(ext, w4, xs4, group, n, k, m, t_fp16, add)
         else:
             t = bench([lambda q=q, x=x: F.linear(x, ext.dequant_w4(q[0], q[1], q[2], group)) for q, x in zip(w4, xs4)])
             add("W4A16 dequant+cuBLAS (qaas)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)

@@ -2,7 +2,9 @@
 
 Paths (fp16 activations):
 - **W4A16** (weights <= 4 bits packed two per byte, any per-group scale/zero with ``group_size % 32 == 0``,
-  activations unquantized): <= 16 tokens -> ``qaas::w4a16_gemm`` (memory-bound GEMV); more tokens ->
+  activations unquantized): <= 16 tokens -> ``qaas::w4a16_gemm_packed`` (memory-bound GEMV reading one packed
+  scale/zero word per row and group, built once per layer by ``reference.pack_w4_meta``) where ``K`` and the
+  group are multiples of 128 and the zero points integers in 0..15, else ``qaas::w4a16_gemm``; more tokens ->
   ``qaas::dequant_w4`` + cuBLAS fp16.
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization) ->
@@ -159,8 +161,36 @@ def _derived(layer: "QuantLinear", key: str, src: torch.Tensor, make: Callable[[
     return value
 
 
+def _derived_pair(
+    layer: "QuantLinear", key: str, a: torch.Tensor, b: torch.Tensor, make: Callable[[torch.Tensor, torch.Tensor], Any]
+) -> Any:
+    """``make(a, b)`` cached on the layer until either source is replaced or modified in place."""
+    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (a, b))
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = make(a, b)
+    cache[key] = (stamp, value)
+    return value
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
+
+
+def _packed_w4_meta(layer: "QuantLinear") -> torch.Tensor | None:
+    """The layer's scale/zero as ``reference.pack_w4_meta`` words for ``w4a16_gemm_packed`` (None where the
+    packed kernel does not apply: K or the group not a multiple of 128, or zero points outside 0..15)."""
+    if layer.in_features % 128 or layer.group_size % 128:
+        return None
+
+    def make(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
+        if not reference.w4_meta_packable(scale, zero):
+            return None
+        return reference.pack_w4_meta(scale, zero)
+
+    return _derived_pair(layer, "w4_meta", layer.w_scale, layer.w_zero, make)
 
 
 def _bias(layer: "QuantLinear") -> torch.Tensor | None:
@@ -201,7 +231,10 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     if plan.path == "w4a16":
         scale = _derived(layer, "w_scale", layer.w_scale, _f32)
         zero = _derived(layer, "w_zero", layer.w_zero, _f32)
-        if x2.shape[0] <= GEMV_MAX_TOKENS:
+        meta = _packed_w4_meta(layer) if x2.shape[0] <= GEMV_MAX_TOKENS else None
+        if meta is not None:
+            out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias)
+        elif x2.shape[0] <= GEMV_MAX_TOKENS:
             out = k.w4a16_gemm(x2, layer.qweight, scale, zero, layer.group_size, bias)
         else:
             w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size)

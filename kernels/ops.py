@@ -43,6 +43,18 @@ def _w4a16_fake(x, qweight, scale, zero, group_size, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+@torch.library.custom_op("qaas::w4a16_gemm_packed", mutates_args=())
+def w4a16_gemm_packed(x: Tensor, qweight: Tensor, meta: Tensor, group_size: int, bias: Optional[Tensor]) -> Tensor:
+    """:func:`w4a16_gemm` with the scale/zero packed by ``reference.pack_w4_meta`` (one int32 word per row and
+    group, tile-ordered); ``K`` and ``group_size`` multiples of 128."""
+    return reference.w4a16_gemm_packed_ref(x, qweight, meta, group_size, bias)
+
+
+@w4a16_gemm_packed.register_fake
+def _w4a16_packed_fake(x, qweight, meta, group_size, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 @torch.library.custom_op("qaas::dequant_w4", mutates_args=())
 def dequant_w4(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
     """int4 packed weight -> fp16 ``[N, K]`` (prefill path of W4A16: then cuBLAS)."""
@@ -178,6 +190,9 @@ def _register_cuda_kernels() -> bool:
     def _w4a16_cuda(x, qweight, scale, zero, group_size, bias):
         return ext.w4a16_gemm(x, qweight, scale, zero, group_size, bias)
 
+    def _w4a16_packed_cuda(x, qweight, meta, group_size, bias):
+        return ext.w4a16_gemm_packed(x, qweight, meta, group_size, bias)
+
     def _dequant_w4_cuda(qweight, scale, zero, group_size):
         return ext.dequant_w4(qweight, scale, zero, group_size)
 
@@ -201,6 +216,7 @@ def _register_cuda_kernels() -> bool:
     w8a8_gemm_sm90.register_kernel("cuda")(_w8a8_gemm_sm90_cuda)
     act_quant.register_kernel("cuda")(_act_quant_cuda)
     w4a16_gemm.register_kernel("cuda")(_w4a16_cuda)
+    w4a16_gemm_packed.register_kernel("cuda")(_w4a16_packed_cuda)
     dequant_w4.register_kernel("cuda")(_dequant_w4_cuda)
     int8_gemm.register_kernel("cuda")(_int8_gemm_cuda)
     scale_epilogue.register_kernel("cuda")(_scale_epilogue_cuda)

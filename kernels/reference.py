@@ -138,6 +138,60 @@ def w4a16_gemm_ref(
     return out.to(x.dtype)
 
 
+W4_META_ZERO_BITS = 0xF  # low mantissa bits of a packed metadata word that carry the zero point
+
+
+def w4_meta_packable(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether per-group ``scale``/``zero`` ``[N, G]`` fit :func:`pack_w4_meta`'s words: finite scales and integer
+    zero points in 0..15 (every asymmetric or symmetric int4 quantizer of ``quant.quantizers`` produces those)."""
+    z = zero.float()
+    return bool(
+        scale.shape == zero.shape
+        and scale.dim() == 2
+        and torch.isfinite(scale.float()).all()
+        and (z == torch.round(z)).all()
+        and (z >= 0).all()
+        and (z <= 15).all()
+    )
+
+
+def pack_w4_meta(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Per-group ``scale`` (float32) and integer ``zero`` (0..15), ``[N, G]`` -> int32 words ``[ceil(N/16), G, 8, 2]``.
+
+    Word: the float32 scale rounded to nearest at 19 mantissa bits (relative change <= 2**-20), its 4 low bits
+    replaced by the zero point. Index ``[tile, group, g, h]`` holds output row ``16 * tile + g + 8 * h`` (rows past
+    N: scale 0, zero 0), so the decode kernel's lane ``(g, t)`` reads its rows ``g`` and ``g + 8`` as one 8-byte
+    load (``kernels/csrc/w4a16_packed.cu``)."""
+    if not w4_meta_packable(scale, zero):
+        raise ValueError("pack_w4_meta: scales must be finite and zero points integers in 0..15, both [N, G]")
+    n, g = scale.shape
+    tiles = -(-n // 16)
+    bits = scale.detach().float().contiguous().view(torch.int32).to(torch.int64)
+    bits = ((bits + 8) & ~W4_META_ZERO_BITS) | zero.detach().to(torch.int64)
+    words = torch.zeros(tiles * 16, g, dtype=torch.int64, device=scale.device)
+    words[:n] = bits
+    # two's complement int64 -> int32 bit pattern
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(tiles, 2, 8, g).permute(0, 3, 2, 1).contiguous()
+
+
+def unpack_w4_meta(meta: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_w4_meta`: (scale float32, zero float32), ``[n, G]``."""
+    tiles, g = meta.shape[0], meta.shape[1]
+    words = meta.permute(0, 3, 2, 1).reshape(tiles * 16, g)[:n].contiguous()
+    zero = (words & W4_META_ZERO_BITS).float()
+    scale = (words & ~W4_META_ZERO_BITS).view(torch.float32)
+    return scale, zero
+
+
+def w4a16_gemm_packed_ref(
+    x: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, group_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`w4a16_gemm_ref` with the scale/zero of :func:`pack_w4_meta` words."""
+    scale, zero = unpack_w4_meta(meta, qweight.shape[0])
+    return w4a16_gemm_ref(x, qweight, scale, zero, group_size, bias)
+
+
 def signed_values(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed integer values ``u - 2**(bits-1)`` of symmetric codes (int4 unpacked first), as int32."""
     u = unpack_int4(codes) if bits == 4 else codes

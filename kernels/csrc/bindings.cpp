@@ -12,6 +12,13 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                    const at::Tensor& zero, int64_t group_size, const c10::optional<at::Tensor>& bias,
                                    int64_t variant);
 int64_t w4a16_num_variants();
+at::Tensor w4a16_gemm_packed_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
+                                  int64_t group_size, const c10::optional<at::Tensor>& bias);
+at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
+                                          int64_t group_size, const c10::optional<at::Tensor>& bias,
+                                          int64_t variant);
+int64_t w4a16_packed_num_variants();
+at::Tensor memory_probe_cuda(const at::Tensor& src, int64_t mode);
 at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size);
 at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor& a_scale, const at::Tensor& w,
                           int64_t w_bits, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias);
@@ -41,6 +48,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm_variant", &qaas::w4a16_gemm_variant_cuda,
         "w4a16_gemm with an explicit tensor-core decode variant (benchmarks; -1 = default)");
   m.def("w4a16_num_variants", &qaas::w4a16_num_variants, "number of tensor-core decode variants");
+  m.def("w4a16_gemm_packed", &qaas::w4a16_gemm_packed_cuda,
+        "int4 weight x fp16 activation GEMV (<= 16 rows) with packed scale/zero words (pack_w4_meta)");
+  m.def("w4a16_gemm_packed_variant", &qaas::w4a16_gemm_packed_variant_cuda,
+        "w4a16_gemm_packed with an explicit variant (benchmarks; -1 = default)");
+  m.def("w4a16_packed_num_variants", &qaas::w4a16_packed_num_variants, "number of packed-metadata decode variants");
+  m.def("memory_probe", &qaas::memory_probe_cuda,
+        "benchmark probe: empty kernel (0) or a read of the whole buffer with every load in flight (1 one pass, 2 persistent)");
   m.def("dequant_w4", &qaas::dequant_w4_cuda, "int4 weight -> fp16 dequantisation");
   m.def("int8_gemm", &qaas::int8_gemm_cuda, "int8 tensor-core GEMM with scale epilogue (int8/int4 operands)");
   m.def("scale_epilogue", &qaas::scale_epilogue_cuda, "int32 accumulator -> fp16 scale epilogue (int_mm baseline)");

@@ -26,6 +26,11 @@ __device__ __forceinline__ uint32_t zero_pair(float zero) {
   return *reinterpret_cast<const uint32_t*>(&z2);
 }
 
+// Programmatic dependent launch (sm_90): wait for the previous kernel in the stream (its writes visible), and
+// let the next one launch. Both are no-ops for a kernel launched without the programmatic attribute.
+__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void griddep_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
 __device__ __forceinline__ void mma_f16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                         uint32_t b1) {
   asm volatile(

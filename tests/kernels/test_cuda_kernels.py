@@ -323,6 +323,77 @@ def test_w4a16_tensor_core_variants(variant: int, tokens: int, k: int, n: int) -
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("variant", [-1, *range(8)])
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (4096, 11008, 128),
+                                       (8192, 48, 1024), (256, 40, 128)])
+def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group: int) -> None:
+    """The packed-metadata decode kernel (w4a16_packed.cu), every variant incl. the PDL launches, N not a multiple
+    of 16 (padded metadata tiles) and groups of several 128-k blocks."""
+    ext = kernels._ext.extension()
+    assert int(ext.w4a16_packed_num_variants()) == 8
+    gen = torch.Generator().manual_seed(variant * 31 + tokens + k + n + group)
+    qw = _rand_codes((n, k), 4, gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    bias = (torch.randn(n, generator=gen) * 0.1).half()
+    x = torch.randn(tokens, k, generator=gen).half()
+    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    meta = reference.pack_w4_meta(scale, zero).to(DEV)
+    _poison(tokens * n * 2)
+    out = ext.w4a16_gemm_packed_variant(x.to(DEV), qw.to(DEV), meta, group, bias.to(DEV), variant)
+    assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
+
+
+def test_w4a16_packed_pdl_chain_in_graph() -> None:
+    """PDL variants chained in a CUDA graph where each call consumes the previous call's output (the dependency
+    griddepcontrol.wait must honour): equal to the same chain run with the non-PDL variant, and to the reference."""
+    ext = kernels._ext.extension()
+    gen = torch.Generator().manual_seed(77)
+    n = k = 1024
+    group = 128
+    layers = []
+    for _ in range(6):
+        qw = _rand_codes((n, k), 4, gen)
+        scale = torch.rand(n, k // group, generator=gen) * 0.004 + 0.001
+        zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+        layers.append((qw, scale, zero))
+    x0 = torch.randn(1, k, generator=gen).half()
+    expect = x0.double()
+    for qw, scale, zero in layers:
+        expect = reference.w4a16_gemm_ref(expect.half().double(), qw, scale, zero, group, None).double()
+    dev_layers = [(qw.to(DEV), reference.pack_w4_meta(s, z).to(DEV)) for qw, s, z in layers]
+    x_in = x0.to(DEV)
+
+    def chain(variant: int) -> torch.Tensor:
+        h = x_in
+        for qw, meta in dev_layers:
+            h = ext.w4a16_gemm_packed_variant(h, qw, meta, group, None, variant)
+        return h
+
+    plain = chain(0)
+    torch.cuda.synchronize()
+    chain(1)  # warm up before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(1)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, plain)
+    assert rel_err(out, expect) < 5e-3
+
+
+def test_memory_probe_runs() -> None:
+    ext = kernels._ext.extension()
+    buf = torch.randint(0, 255, (1 << 20,), dtype=torch.uint8, device=DEV)
+    for mode in (0, 1, 2):
+        out = ext.memory_probe(buf, mode)
+        assert out.dtype == torch.int32 and out.numel() >= 1
+    with pytest.raises(RuntimeError, match="mode"):
+        ext.memory_probe(buf, 3)
+
+
 def test_sm90_gemm_is_built() -> None:
     """The device build carries CUTLASS (kernels/device_run.sh installs the pinned wheel first)."""
     assert kernels._ext.extension().has_sm90_gemm()

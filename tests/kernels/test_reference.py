@@ -99,6 +99,64 @@ def test_int8_gemm_ref_matches_float_math(a_bits: int, w_bits: int) -> None:
     assert out.dtype == torch.float16 and rel_err(out, expect) < 1e-3
 
 
+def test_pack_w4_meta_roundtrip_and_layout() -> None:
+    gen = torch.Generator().manual_seed(3)
+    n, g = 37, 6  # N not a multiple of 16: the last tile is padded
+    scale = torch.rand(n, g, generator=gen) * 0.05 + 1e-4
+    zero = torch.randint(0, 16, (n, g), generator=gen).float()
+    meta = reference.pack_w4_meta(scale, zero)
+    assert meta.dtype == torch.int32 and meta.shape == (3, g, 8, 2)
+    s2, z2 = reference.unpack_w4_meta(meta, n)
+    assert torch.equal(z2, zero)
+    assert ((s2 - scale).abs() / scale).max() <= 2.0**-20
+    # word [tile, group, gg, h] belongs to row 16 * tile + gg + 8 * h
+    row, grp = 16 * 1 + 5 + 8, 4
+    word = int(meta[1, grp, 5, 1])
+    assert word & 0xF == int(zero[row, grp])
+    assert meta[2, :, 5:, :].eq(0).all()  # rows 37.. of the padded tile
+
+
+@pytest.mark.parametrize(
+    "zero,ok",
+    [(torch.tensor([[0.0, 15.0]]), True), (torch.tensor([[16.0, 1.0]]), False), (torch.tensor([[-1.0, 1.0]]), False),
+     (torch.tensor([[0.5, 1.0]]), False)],
+)
+def test_w4_meta_packable(zero: torch.Tensor, ok: bool) -> None:
+    scale = torch.tensor([[0.01, 0.02]])
+    assert reference.w4_meta_packable(scale, zero) is ok
+    if not ok:
+        with pytest.raises(ValueError, match="zero points"):
+            reference.pack_w4_meta(scale, zero)
+
+
+def test_w4a16_packed_op_matches_reference() -> None:
+    layer = make_layer(256, 40, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    meta = reference.pack_w4_meta(layer.w_scale, layer.w_zero)
+    x = torch.randn(3, 256).half()
+    out = torch.ops.qaas.w4a16_gemm_packed(x, layer.qweight, meta, 128, layer.bias.half())
+    ref = torch.ops.qaas.w4a16_gemm(x, layer.qweight, layer.w_scale, layer.w_zero, 128, layer.bias.half())
+    assert out.dtype == torch.float16 and rel_err(out, ref.float()) < 1e-3
+
+
+def test_dispatch_uses_packed_meta_for_w4a16() -> None:
+    """The W4A16 decode path builds the packed words once per layer and rebuilds them when the scales change."""
+    layer = make_layer(256, 40, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    meta = dispatch._packed_w4_meta(layer)
+    assert meta is not None and dispatch._packed_w4_meta(layer) is meta
+    with torch.no_grad():
+        layer.w_scale.mul_(2.0)
+    meta2 = dispatch._packed_w4_meta(layer)
+    assert meta2 is not meta
+    s2, _ = reference.unpack_w4_meta(meta2, 40)
+    assert torch.allclose(s2, layer.w_scale.float(), rtol=2.0**-19)
+    x = torch.randn(2, 256).half()
+    out = dispatch.quant_linear_forward(layer, x)
+    ref = layer.reference_forward(x.float())
+    assert rel_err(out, ref) < 3e-3
+    small_group = make_layer(256, 40, w_bits=4, a_bits=16, group_size=32, w_symmetric=False)
+    assert dispatch._packed_w4_meta(small_group) is None  # groups of 32: the float32 kernel
+
+
 def test_dequant_and_w4a16_ref_match_quantized_weight() -> None:
     layer = make_layer(128, 24, w_bits=4, a_bits=16, group_size=32, w_symmetric=False)
     w = layer.dequantized_weight(torch.float32)

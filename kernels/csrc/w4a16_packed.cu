@@ -1,0 +1,200 @@
+// W4A16 decode (1..16 tokens) with packed per-group metadata and programmatic dependent launch.
+//
+// Metadata word (one uint32 per output row and weight group, kernels/reference.py pack_w4_meta): the fp32
+// scale rounded to 19 mantissa bits, its 4 low bits replaced by the integer zero point (0..15). Layout
+// [ceil(N/16)][G][8][2]: tile, group, g, h for row 16 * tile + g + 8 * h, so lane (g, t) gets its two rows (g and
+// g + 8) in one 8-byte load and a warp's 16 rows of one group are 64 contiguous bytes. The float32 layout
+// (w4a16.cu) needs four 4-byte loads per lane from 32 scattered sectors per 128-k block and twice the bytes.
+//
+// Codes and math are those of w4a16.cu's tensor-core kernel (w4a16_common.cuh): a block owns 16 output rows,
+// its warps split K in 128-k blocks, (u - z) exact in fp16, products in fp32, scale applied in fp32 per block.
+//
+// Programmatic dependent launch: the kernel first lets the next kernel in the stream launch, requests its first
+// round of weights and metadata, and only then waits for the previous kernel (griddepcontrol.wait) before
+// reading the activations or writing anything. Launched with the programmatic stream serialization attribute
+// (the `pdl` variants), a W4A16 call thus overlaps its launch and first DRAM round trip with the tail of the
+// kernel before it. Contract of those variants: the kernel just before in the stream must not write the weights
+// or the metadata (model weights are written outside the forward pass). Without the attribute the wait is a
+// no-op and the kernel is an ordinary one.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include "common.cuh"
+#include "w4a16_common.cuh"
+
+namespace qaas {
+namespace {
+
+struct PackedVariant {
+  int warps, unroll;  // warps per block (splitting K), 128-k blocks per warp per round
+  bool pdl;           // launched with programmatic dependent launch
+  int min_blocks;     // __launch_bounds__ blocks per SM (16-warp blocks: 2 caps at 64 registers, 3 at 40 (spills a
+                      // few registers to L1): 48 warps per SM, room for a PDL successor's block)
+};
+constexpr PackedVariant kPackedVariants[] = {{16, 1, false, 2}, {16, 1, true, 2}, {16, 1, false, 3},
+                                             {16, 1, true, 3},  {16, 2, false, 2}, {16, 2, true, 2},
+                                             {8, 4, false, 1},  {8, 4, true, 1}};
+constexpr int kNumPackedVariants = sizeof(kPackedVariants) / sizeof(kPackedVariants[0]);
+constexpr int kDefaultPacked = 0;    // 1..8 tokens
+constexpr int kDefaultPacked16 = 6;  // 9..16 tokens
+
+// (1024 + z) twice as half2 for an integer zero point z in 0..15 (0x6400 is 1024.0 in fp16).
+__device__ __forceinline__ uint32_t zero_pair_code(uint32_t word) {
+  const uint32_t h = 0x6400u | (word & 0xFu);
+  return h | (h << 16);
+}
+__device__ __forceinline__ float meta_scale(uint32_t word) { return __uint_as_float(word & ~0xFu); }
+
+template <int NT, int WARPS, int UNROLL, int MINB>
+__global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
+    const half* __restrict__ x, const uint8_t* __restrict__ qw, const uint2* __restrict__ meta,
+    const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K, int group_size) {
+  constexpr int C = NT * 8;  // tokens per block
+  __shared__ float red[WARPS][16][C];
+  w4::griddep_launch_dependents();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int rA = min(n0 + g, N - 1), rB = min(n0 + g + 8, N - 1);
+  const int KB = K / 128, G = K / group_size;
+  const uint4* wA = reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
+  const uint4* wB = reinterpret_cast<const uint4*>(qw + (size_t)rB * (K / 2)) + t;
+  const uint2* mrow = meta + (size_t)blockIdx.x * G * 8 + g;  // [tile][group][g] -> (row g, row g + 8)
+  float acc[NT][4];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+
+  uint4 va[UNROLL], vb[UNROLL];
+  uint2 mw[UNROLL];
+  auto load_round = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int kb = base + u;
+      if (kb < KB) {
+        va[u] = __ldg(wA + kb * 4);
+        vb[u] = __ldg(wB + kb * 4);
+        mw[u] = __ldg(mrow + (size_t)((kb * 128) / group_size) * 8);
+      }
+    }
+  };
+  auto compute_round = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int kb = base + u;
+      if (kb >= KB) break;
+      float part[NT][4];
+      w4::kblock_mma<NT>(va[u], vb[u], zero_pair_code(mw[u].x), zero_pair_code(mw[u].y), x, B, K, kb, g, t, part);
+      w4::accumulate_scaled<NT>(acc, part, meta_scale(mw[u].x), meta_scale(mw[u].y));
+    }
+  };
+  constexpr int kStride = WARPS * UNROLL;
+  const int first = warp * UNROLL;
+  load_round(first);  // weights and metadata only: nothing the previous kernel writes
+  w4::griddep_wait();  // the activations (and the output buffer) may belong to the previous kernel
+  for (int kb0 = first; kb0 < KB; kb0 += kStride) {
+    if (kb0 != first) load_round(kb0);
+    compute_round(kb0);
+  }
+  w4::store_partials<NT, C>(red[warp], acc, g, t);
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * C; i += blockDim.x) {
+    const int r = i / C, b = i % C;
+    const int n = n0 + r;
+    if (b < B && n < N) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
+      if (bias) v += __half2float(bias[n]);
+      out[(size_t)b * N + n] = __float2half(v);
+    }
+  }
+}
+
+template <int NT, int WARPS, int UNROLL, int MINB>
+void launch_packed(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw, const uint2* meta,
+                   const half* bias, half* out, int B, int N, int K, int group_size) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)((N + 15) / 16));
+  cfg.blockDim = dim3(WARPS * 32);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute la[1];
+  la[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  la[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = la;
+  cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_packed_kernel<NT, WARPS, UNROLL, MINB>, x, qw, meta, bias, out, B, N, K,
+                                    group_size));
+}
+
+template <int NT>
+void launch_packed_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qw, const uint2* meta,
+                           const half* bias, half* out, int B, int N, int K, int group_size) {
+  const PackedVariant v = kPackedVariants[variant];
+  if (v.warps == 16 && v.unroll == 1 && v.min_blocks == 3)
+    launch_packed<NT, 16, 1, 3>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
+  else if (v.warps == 16 && v.unroll == 1)
+    launch_packed<NT, 16, 1, 2>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
+  else if (v.warps == 16)
+    launch_packed<NT, 16, 2, 2>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
+  else
+    launch_packed<NT, 8, 4, 1>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
+}
+
+}  // namespace
+
+at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
+                                          int64_t group_size, const c10::optional<at::Tensor>& bias,
+                                          int64_t variant) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf,
+              "w4a16_packed: x must be a contiguous fp16 CUDA tensor [M, K]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
+  TORCH_CHECK(M <= 16, "w4a16_packed handles at most 16 rows; use dequant + matmul for more");
+  TORCH_CHECK(qw.is_cuda() && qw.scalar_type() == at::kByte && qw.dim() == 2 && qw.is_contiguous() &&
+                  qw.size(1) * 2 == K,
+              "w4a16_packed: qweight must be a contiguous uint8 CUDA tensor [N, K/2]");
+  TORCH_CHECK(K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0,
+              "w4a16_packed: K and group_size must be multiples of 128, group_size dividing K");
+  const int64_t G = K / group_size, tiles = (N + 15) / 16;
+  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kInt && meta.is_contiguous() &&
+                  meta.numel() == tiles * G * 16,
+              "w4a16_packed: meta must be a contiguous int32 tensor of ceil(N/16) * G * 16 words (pack_w4_meta)");
+  TORCH_CHECK((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 &&
+                  (reinterpret_cast<uintptr_t>(qw.data_ptr()) & 15) == 0 &&
+                  (reinterpret_cast<uintptr_t>(meta.data_ptr()) & 7) == 0,
+              "w4a16_packed: x and qweight must be 16-byte aligned, meta 8-byte aligned");
+  const half* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(),
+                "w4a16_packed: bias must be fp16 [N]");
+    bp = reinterpret_cast<const half*>(bias->data_ptr<at::Half>());
+  }
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const int v = (variant >= 0 && variant < kNumPackedVariants) ? (int)variant
+                                                                : (M <= 8 ? kDefaultPacked : kDefaultPacked16);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const half* xp = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+  const uint2* mp = reinterpret_cast<const uint2*>(meta.data_ptr<int32_t>());
+  half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+  if (M <= 8)
+    launch_packed_variant<1>(v, stream, xp, qw.data_ptr<uint8_t>(), mp, bp, op, (int)M, (int)N, (int)K, (int)group_size);
+  else
+    launch_packed_variant<2>(v, stream, xp, qw.data_ptr<uint8_t>(), mp, bp, op, (int)M, (int)N, (int)K, (int)group_size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor w4a16_gemm_packed_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
+                                  int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  return w4a16_gemm_packed_variant_cuda(x, qw, meta, group_size, bias, -1);
+}
+
+int64_t w4a16_packed_num_variants() { return kNumPackedVariants; }
+
+}  // namespace qaas
