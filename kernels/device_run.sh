@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, build the extension, run the kernel tests, run the
 # benchmarks. Logs and result tables go to $OUT (default ./out). Usage: bash kernels/device_run.sh [stages]
-# stages: any of build,test,bench,ncu,aqprof,transform,kv,e2e (default build,test,bench,e2e).
+# stages: any of build,test,w4,bench,ncu,aqprof,aqtime,transform,kv,e2e (default build,test,bench,e2e).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}
@@ -21,6 +21,15 @@ if [[ $STAGES == *build* ]]; then
 fi
 if [[ $STAGES == *test* ]]; then
   timeout 300 python3 -m pytest tests/kernels tests/benchmarks ${PYTEST_EXTRA:-} -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|FAILED|Error" | head -40
+fi
+if [[ $STAGES == *w4* ]]; then
+  # W4A16 decode only: its GPU tests, then every variant (incl. packed metadata, PDL) and the memory probes
+  timeout 200 python3 -m pytest tests/kernels/test_cuda_kernels.py -k "w4a16 or memory_probe or dispatch" -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_w4.log" | grep -E "passed|failed|FAILED|Error" | head -40
+  timeout 300 python3 -m benchmarks.kernels --sections w4a16 --tokens 1,16 --out "$OUT" > "$OUT/bench_w4.log" 2>&1
+  tail -5 "$OUT/bench_w4.log" | grep -iE "error|Traceback" ; grep -E "^\| " "$OUT/kernels.md" | cut -d'|' -f2-6 | head -150
+fi
+if [[ $STAGES == *aqtime* ]]; then
+  timeout 150 python3 -m benchmarks.act_quant_transform --out "$OUT" 2>&1 | tee "$OUT/act_quant_transform.log" | tail -14
 fi
 if [[ $STAGES == *bench* ]]; then
   timeout 420 python3 -m benchmarks.kernels --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -120
