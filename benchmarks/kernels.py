@@ -93,7 +93,8 @@ W4A16_VARIANTS = ["4 warps x 4 blocks, double-buffered (v4)", "8 warps x 4 block
 # kernels/csrc/w4a16_packed.cu kPackedVariants (one packed scale/zero word per row and group)
 W4A16_PACKED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 warps x 1 block, 3 blocks/SM",
                          "16 warps x 1 block, 3 blocks/SM, PDL", "16 warps x 2 blocks", "16 warps x 2 blocks, PDL",
-                         "8 warps x 4 blocks", "8 warps x 4 blocks, PDL"]
+                         "8 warps x 4 blocks", "8 warps x 4 blocks, PDL", "16 warps x 1 block, x staged in shared memory",
+                         "16 warps x 1 block, x staged in shared memory, PDL"]
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
 
@@ -129,8 +130,10 @@ def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, 
     flops = 2.0 * m * n * k
     metas = [reference.pack_w4_meta(q[1], q[2]) for q in w4]
     nbytes = n * k / 2 + 4 * metas[0].numel() + m * k * 2 + m * n * 2
-    t = bench([lambda q=q, mt=mt, x=x: ext.w4a16_gemm_packed(x, q[0], mt, group, None) for q, mt, x in zip(w4, metas, xs4)])
-    add("W4A16 packed-meta gemv (qaas, default)", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+    for pdl, label in ((False, "no PDL"), (True, "PDL as dispatched" + PDL_NOTE)):
+        t = bench([lambda q=q, mt=mt, x=x, pdl=pdl: ext.w4a16_gemm_packed(x, q[0], mt, group, None, pdl)
+                   for q, mt, x in zip(w4, metas, xs4)])
+        add(f"W4A16 packed-meta gemv (qaas, default, {label})", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
     for v in range(int(ext.w4a16_packed_num_variants())):
         label = W4A16_PACKED_VARIANTS[v] + (PDL_NOTE if "PDL" in W4A16_PACKED_VARIANTS[v] else "")
         t = bench([lambda q=q, mt=mt, x=x, v=v: ext.w4a16_gemm_packed_variant(x, q[0], mt, group, None, v)

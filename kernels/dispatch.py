@@ -4,7 +4,9 @@ Paths (fp16 activations):
 - **W4A16** (weights <= 4 bits packed two per byte, any per-group scale/zero with ``group_size % 32 == 0``,
   activations unquantized): <= 16 tokens -> ``qaas::w4a16_gemm_packed`` (memory-bound GEMV reading one packed
   scale/zero word per row and group, built once per layer by ``reference.pack_w4_meta``) where ``K`` and the
-  group are multiples of 128 and the zero points integers in 0..15, else ``qaas::w4a16_gemm``; more tokens ->
+  group are multiples of 128 and the zero points integers in 0..15 (launched with programmatic dependent launch
+  once the layer's weights are unchanged since its previous call, so that consecutive W4A16 layers overlap;
+  ``QAAS_W4A16_PDL=0`` turns that off), else ``qaas::w4a16_gemm``; more tokens ->
   ``qaas::dequant_w4`` + cuBLAS fp16.
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization) ->
@@ -24,6 +26,7 @@ On a machine without the built extension ``supports`` always returns False.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -179,18 +182,32 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
 
 
-def _packed_w4_meta(layer: "QuantLinear") -> torch.Tensor | None:
+def _packed_w4_meta(layer: "QuantLinear") -> tuple[torch.Tensor | None, bool]:
     """The layer's scale/zero as ``reference.pack_w4_meta`` words for ``w4a16_gemm_packed`` (None where the
-    packed kernel does not apply: K or the group not a multiple of 128, or zero points outside 0..15)."""
+    packed kernel does not apply: K or the group not a multiple of 128, or zero points outside 0..15), and
+    whether the codes, scales and zero points are unchanged since this layer's previous call. Only then may the
+    kernel be launched with programmatic dependent launch: it reads its weights and words before waiting for the
+    previous kernel, which must therefore not be the one that wrote them (a rebuild of the words, an in-place
+    edit of the weights)."""
     if layer.in_features % 128 or layer.group_size % 128:
-        return None
+        return None, False
+    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (layer.qweight, layer.w_scale, layer.w_zero))
+    stable = cache.get("w4_weights_stamp") == stamp
+    cache["w4_weights_stamp"] = stamp
 
     def make(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
         if not reference.w4_meta_packable(scale, zero):
             return None
         return reference.pack_w4_meta(scale, zero)
 
-    return _derived_pair(layer, "w4_meta", layer.w_scale, layer.w_zero, make)
+    return _derived_pair(layer, "w4_meta", layer.w_scale, layer.w_zero, make), stable
+
+
+def w4a16_pdl_enabled() -> bool:
+    """Programmatic dependent launch for the W4A16 decode kernel (environment ``QAAS_W4A16_PDL``, default on;
+    ``0`` turns it off)."""
+    return os.environ.get("QAAS_W4A16_PDL", "1") != "0"
 
 
 def _bias(layer: "QuantLinear") -> torch.Tensor | None:
@@ -231,8 +248,11 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     if plan.path == "w4a16":
         scale = _derived(layer, "w_scale", layer.w_scale, _f32)
         zero = _derived(layer, "w_zero", layer.w_zero, _f32)
-        meta = _packed_w4_meta(layer) if x2.shape[0] <= GEMV_MAX_TOKENS else None
-        if meta is not None:
+        meta, stable = _packed_w4_meta(layer) if x2.shape[0] <= GEMV_MAX_TOKENS else (None, False)
+        if meta is not None and k is not ops:
+            pdl = stable and w4a16_pdl_enabled()
+            out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias, pdl)
+        elif meta is not None:
             out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias)
         elif x2.shape[0] <= GEMV_MAX_TOKENS:
             out = k.w4a16_gemm(x2, layer.qweight, scale, zero, layer.group_size, bias)

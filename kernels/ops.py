@@ -191,7 +191,7 @@ def _register_cuda_kernels() -> bool:
         return ext.w4a16_gemm(x, qweight, scale, zero, group_size, bias)
 
     def _w4a16_packed_cuda(x, qweight, meta, group_size, bias):
-        return ext.w4a16_gemm_packed(x, qweight, meta, group_size, bias)
+        return ext.w4a16_gemm_packed(x, qweight, meta, group_size, bias, False)
 
     def _dequant_w4_cuda(qweight, scale, zero, group_size):
         return ext.dequant_w4(qweight, scale, zero, group_size)

@@ -13,7 +13,7 @@ at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                    int64_t variant);
 int64_t w4a16_num_variants();
 at::Tensor w4a16_gemm_packed_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
-                                  int64_t group_size, const c10::optional<at::Tensor>& bias);
+                                  int64_t group_size, const c10::optional<at::Tensor>& bias, bool pdl);
 at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
                                           int64_t group_size, const c10::optional<at::Tensor>& bias,
                                           int64_t variant);
@@ -49,7 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "w4a16_gemm with an explicit tensor-core decode variant (benchmarks; -1 = default)");
   m.def("w4a16_num_variants", &qaas::w4a16_num_variants, "number of tensor-core decode variants");
   m.def("w4a16_gemm_packed", &qaas::w4a16_gemm_packed_cuda,
-        "int4 weight x fp16 activation GEMV (<= 16 rows) with packed scale/zero words (pack_w4_meta)");
+        "int4 weight x fp16 activation GEMV (<= 16 rows) with packed scale/zero words (pack_w4_meta); pdl: "
+        "programmatic dependent launch (the previous kernel in the stream must not write the weights)");
   m.def("w4a16_gemm_packed_variant", &qaas::w4a16_gemm_packed_variant_cuda,
         "w4a16_gemm_packed with an explicit variant (benchmarks; -1 = default)");
   m.def("w4a16_packed_num_variants", &qaas::w4a16_packed_num_variants, "number of packed-metadata decode variants");

@@ -80,6 +80,99 @@ __device__ __forceinline__ void kblock_mma(const uint4& va, const uint4& vb, uin
   }
 }
 
+// All four half2 pairs of one 32-bit code word, (e_{s/4}, e_{4+s/4}) for s = 0, 4, 8, 12 as dq_pair, in 9
+// instructions instead of 12: nibbles at s = 4 and 12 are masked in place (no shift), giving 1024 + 16 u, and
+// one HFMA2 by 1/16 minus (64 + z) yields u - z exactly. zsub: (1024 + z) twice (zero_pair); zfma: -(64 + z) twice
+// (zero_fma_pair).
+__device__ __forceinline__ void dq_word4(uint32_t w, uint32_t zsub, uint32_t zfma, uint32_t (&p)[4]) {
+  const uint32_t w8 = w >> 8;
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  const half2 zs = *reinterpret_cast<const half2*>(&zsub);
+  const half2 zf = *reinterpret_cast<const half2*>(&zfma);
+  uint32_t h[4];
+  // (w & mask) | 0x64006400 as one LOP3 each (written as C, ptxas splits it into an AND and an OR)
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h[0]) : "r"(w), "n"(0x000F000F), "n"(0x64006400));
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h[1]) : "r"(w), "n"(0x00F000F0), "n"(0x64006400));
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h[2]) : "r"(w8), "n"(0x000F000F), "n"(0x64006400));
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h[3]) : "r"(w8), "n"(0x00F000F0), "n"(0x64006400));
+  half2 r[4];
+  r[0] = __hsub2(*reinterpret_cast<const half2*>(&h[0]), zs);
+  r[1] = __hfma2(*reinterpret_cast<const half2*>(&h[1]), sixteenth, zf);
+  r[2] = __hsub2(*reinterpret_cast<const half2*>(&h[2]), zs);
+  r[3] = __hfma2(*reinterpret_cast<const half2*>(&h[3]), sixteenth, zf);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = *reinterpret_cast<const uint32_t*>(&r[i]);
+}
+
+// -(64 + z) twice as half2 for an integer zero point 0 <= z < 16: exponent of 64, mantissa z << 4, sign set.
+__device__ __forceinline__ uint32_t zero_fma_pair_code(uint32_t z) {
+  const uint32_t h = 0xD400u | (z << 4);
+  return h | (h << 16);
+}
+
+// The activation B fragments of one 128-k block for lane (g, t), token b: per 8-k slice q the four words
+// {b0, b1} of sub 0 and of sub 1, as kblock_mma builds them with byte permutes from the 16 bytes at
+// k = 128 kb + 32 t + 8 q.
+__device__ __forceinline__ uint4 x_frag_words(const uint4& xv) {
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv);
+  return make_uint4(__byte_perm(xw[0], xw[2], 0x5410), __byte_perm(xw[0], xw[2], 0x7632),
+                    __byte_perm(xw[1], xw[3], 0x5410), __byte_perm(xw[1], xw[3], 0x7632));
+}
+
+// The raw 16-byte activation slices of one 128-k block from global memory (tokens b >= B are zero); the
+// byte permutes are left to kblock_mma_w4<NT, false> (applied per slice there: fewer live registers).
+template <int NT>
+__device__ __forceinline__ void x_frags_global(const half* __restrict__ x, int B, int K, int kb, int g, int t,
+                                               uint4 (&bf)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = nt * 8 + g;
+    const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)b * K + kb * 128 + t * 32);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) bf[nt][q] = b < B ? __ldg(xp + q) : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Fragments of one 128-k block from the block's shared copy, laid out [B][KB][q][t] (x_frag_words already
+// applied): four 16-byte loads per token group, consecutive lanes t on consecutive 16 bytes.
+template <int NT>
+__device__ __forceinline__ void x_frags_shared(const uint4* xs, int B, int KB, int kb, int g, int t,
+                                               uint4 (&bf)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = nt * 8 + g;
+    const uint4* xp = xs + ((size_t)b * KB + kb) * 16 + t;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) bf[nt][q] = b < B ? xp[4 * q] : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// One 128-k block of a 16-row tile (as kblock_mma) with dq_word4 code expansion: the packed-metadata kernel.
+// fa / fb: zero_fma_pair_code of rows g / g + 8. PERMUTED: bf holds fragment words (x_frags_shared), else raw
+// slices (x_frags_global).
+template <int NT, bool PERMUTED>
+__device__ __forceinline__ void kblock_mma_w4(const uint4& va, const uint4& vb, uint32_t za, uint32_t zb, uint32_t fa,
+                                              uint32_t fb, const uint4 (&bf)[NT][4], float (&part)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
+  const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va);
+  const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    uint32_t pa[4], pb[4];
+    dq_word4(wa[q], za, fa, pa);
+    dq_word4(wb[q], zb, fb, pb);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint4 f = PERMUTED ? bf[nt][q] : x_frag_words(bf[nt][q]);
+      mma_f16(part[nt], pa[0], pb[0], pa[1], pb[1], f.x, f.y);
+      mma_f16(part[nt], pa[2], pb[2], pa[3], pb[3], f.z, f.w);
+    }
+  }
+}
+
 // acc += group scale x part (rows g: sa, g + 8: sb), in fp32.
 template <int NT>
 __device__ __forceinline__ void accumulate_scaled(float (&acc)[NT][4], const float (&part)[NT][4], float sa, float sb) {

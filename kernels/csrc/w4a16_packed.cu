@@ -7,7 +7,9 @@
 // (w4a16.cu) needs four 4-byte loads per lane from 32 scattered sectors per 128-k block and twice the bytes.
 //
 // Codes and math are those of w4a16.cu's tensor-core kernel (w4a16_common.cuh): a block owns 16 output rows,
-// its warps split K in 128-k blocks, (u - z) exact in fp16, products in fp32, scale applied in fp32 per block.
+// its warps split K in 128-k blocks, (u - z) exact in fp16, products in fp32, scale applied in fp32 per block;
+// the codes are expanded by dq_word4 (9 instructions per 32-bit word: the odd nibbles masked in place and scaled
+// by 1/16 in one HFMA2), and groups of 128 index their metadata without an integer division.
 //
 // Programmatic dependent launch: the kernel first lets the next kernel in the stream launch, requests its first
 // round of weights and metadata, and only then waits for the previous kernel (griddepcontrol.wait) before
@@ -32,33 +34,40 @@ struct PackedVariant {
   bool pdl;           // launched with programmatic dependent launch
   int min_blocks;     // __launch_bounds__ blocks per SM (16-warp blocks: 2 caps at 64 registers, 3 at 40 (spills a
                       // few registers to L1): 48 warps per SM, room for a PDL successor's block)
+  bool x_shared;      // activations staged once per block in shared memory as ready B fragments (where M * K * 2
+                      // <= kXSharedMax; else the same variant without)
 };
 constexpr PackedVariant kPackedVariants[] = {{16, 1, false, 2}, {16, 1, true, 2}, {16, 1, false, 3},
                                              {16, 1, true, 3},  {16, 2, false, 2}, {16, 2, true, 2},
-                                             {8, 4, false, 1},  {8, 4, true, 1}};
+                                             {8, 4, false, 1},  {8, 4, true, 1}, {16, 1, false, 2, true},
+                                             {16, 1, true, 2, true}};
+constexpr int kXSharedMax = 48 * 1024;
 constexpr int kNumPackedVariants = sizeof(kPackedVariants) / sizeof(kPackedVariants[0]);
-constexpr int kDefaultPacked = 0;    // 1..8 tokens
-constexpr int kDefaultPacked16 = 6;  // 9..16 tokens
+// H100 run v9a: 16 warps x 1 block is the fastest variant without PDL on all three 7B shapes at 1 and 16 tokens
+// (4096^2, 1 token: 6.7 us, float32-metadata kernel 7.5); its PDL twin (default_variant + 1) 5.2 us back to back.
+constexpr int kDefaultPacked = 0;
+constexpr int pdl_twin(int v) { return v | 1; }  // even variants plain, odd ones the same kernel launched with PDL
 
 // (1024 + z) twice as half2 for an integer zero point z in 0..15 (0x6400 is 1024.0 in fp16).
-__device__ __forceinline__ uint32_t zero_pair_code(uint32_t word) {
-  const uint32_t h = 0x6400u | (word & 0xFu);
+__device__ __forceinline__ uint32_t zero_pair_code(uint32_t z) {
+  const uint32_t h = 0x6400u | z;
   return h | (h << 16);
 }
 __device__ __forceinline__ float meta_scale(uint32_t word) { return __uint_as_float(word & ~0xFu); }
 
-template <int NT, int WARPS, int UNROLL, int MINB>
+template <int NT, int WARPS, int UNROLL, int MINB, bool XS>
 __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qw, const uint2* __restrict__ meta,
     const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K, int group_size) {
   constexpr int C = NT * 8;  // tokens per block
   __shared__ float red[WARPS][16][C];
+  extern __shared__ uint4 xs[];  // XS: [B][KB][q 4][t 4] activation fragments
   w4::griddep_launch_dependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
   const int rA = min(n0 + g, N - 1), rB = min(n0 + g + 8, N - 1);
-  const int KB = K / 128, G = K / group_size;
+  const int KB = K / 128, G = K / group_size, kpg = group_size / 128;  // 128-k blocks per group
   const uint4* wA = reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
   const uint4* wB = reinterpret_cast<const uint4*>(qw + (size_t)rB * (K / 2)) + t;
   const uint2* mrow = meta + (size_t)blockIdx.x * G * 8 + g;  // [tile][group][g] -> (row g, row g + 8)
@@ -77,7 +86,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
       if (kb < KB) {
         va[u] = __ldg(wA + kb * 4);
         vb[u] = __ldg(wB + kb * 4);
-        mw[u] = __ldg(mrow + (size_t)((kb * 128) / group_size) * 8);
+        mw[u] = __ldg(mrow + (size_t)(kpg == 1 ? kb : kb / kpg) * 8);  // groups of 128 skip the division
       }
     }
   };
@@ -87,7 +96,14 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
       const int kb = base + u;
       if (kb >= KB) break;
       float part[NT][4];
-      w4::kblock_mma<NT>(va[u], vb[u], zero_pair_code(mw[u].x), zero_pair_code(mw[u].y), x, B, K, kb, g, t, part);
+      uint4 bf[NT][4];
+      if constexpr (XS)
+        w4::x_frags_shared<NT>(xs, B, KB, kb, g, t, bf);
+      else
+        w4::x_frags_global<NT>(x, B, K, kb, g, t, bf);
+      const uint32_t za = mw[u].x & 0xFu, zb = mw[u].y & 0xFu;
+      w4::kblock_mma_w4<NT, XS>(va[u], vb[u], zero_pair_code(za), zero_pair_code(zb), w4::zero_fma_pair_code(za),
+                            w4::zero_fma_pair_code(zb), bf, part);
       w4::accumulate_scaled<NT>(acc, part, meta_scale(mw[u].x), meta_scale(mw[u].y));
     }
   };
@@ -95,6 +111,13 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
   const int first = warp * UNROLL;
   load_round(first);  // weights and metadata only: nothing the previous kernel writes
   w4::griddep_wait();  // the activations (and the output buffer) may belong to the previous kernel
+  if constexpr (XS) {
+    // item i = ((b * KB + kb) * 4 + q) * 4 + t holds x[b, 128 kb + 32 t + 8 q .. + 8] as fragment words
+    for (int i = threadIdx.x; i < B * KB * 16; i += blockDim.x)
+      xs[i] = w4::x_frag_words(__ldg(reinterpret_cast<const uint4*>(x + (size_t)(i >> 4) * 128 + (i & 3) * 32 +
+                                                                     ((i >> 2) & 3) * 8)));
+    __syncthreads();
+  }
   for (int kb0 = first; kb0 < KB; kb0 += kStride) {
     if (kb0 != first) load_round(kb0);
     compute_round(kb0);
@@ -114,20 +137,20 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
   }
 }
 
-template <int NT, int WARPS, int UNROLL, int MINB>
+template <int NT, int WARPS, int UNROLL, int MINB, bool XS = false>
 void launch_packed(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw, const uint2* meta,
                    const half* bias, half* out, int B, int N, int K, int group_size) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)((N + 15) / 16));
   cfg.blockDim = dim3(WARPS * 32);
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = XS ? (size_t)B * K * 2 : 0;
   cfg.stream = stream;
   cudaLaunchAttribute la[1];
   la[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   la[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = la;
   cfg.numAttrs = pdl ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_packed_kernel<NT, WARPS, UNROLL, MINB>, x, qw, meta, bias, out, B, N, K,
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_packed_kernel<NT, WARPS, UNROLL, MINB, XS>, x, qw, meta, bias, out, B, N, K,
                                     group_size));
 }
 
@@ -135,7 +158,9 @@ template <int NT>
 void launch_packed_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qw, const uint2* meta,
                            const half* bias, half* out, int B, int N, int K, int group_size) {
   const PackedVariant v = kPackedVariants[variant];
-  if (v.warps == 16 && v.unroll == 1 && v.min_blocks == 3)
+  if (v.x_shared && (size_t)B * K * 2 <= (size_t)kXSharedMax)
+    launch_packed<NT, 16, 1, 2, true>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
+  else if (v.warps == 16 && v.unroll == 1 && v.min_blocks == 3)
     launch_packed<NT, 16, 1, 3>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
   else if (v.warps == 16 && v.unroll == 1)
     launch_packed<NT, 16, 1, 2>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
@@ -176,8 +201,7 @@ at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor&
   }
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  const int v = (variant >= 0 && variant < kNumPackedVariants) ? (int)variant
-                                                                : (M <= 8 ? kDefaultPacked : kDefaultPacked16);
+  const int v = (variant >= 0 && variant < kNumPackedVariants) ? (int)variant : kDefaultPacked;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const half* xp = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
   const uint2* mp = reinterpret_cast<const uint2*>(meta.data_ptr<int32_t>());
@@ -190,9 +214,10 @@ at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor&
   return out;
 }
 
+// pdl: launch with programmatic dependent launch (see the header: the kernel just before must not write qw/meta).
 at::Tensor w4a16_gemm_packed_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
-                                  int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  return w4a16_gemm_packed_variant_cuda(x, qw, meta, group_size, bias, -1);
+                                  int64_t group_size, const c10::optional<at::Tensor>& bias, bool pdl) {
+  return w4a16_gemm_packed_variant_cuda(x, qw, meta, group_size, bias, pdl ? pdl_twin(kDefaultPacked) : kDefaultPacked);
 }
 
 int64_t w4a16_packed_num_variants() { return kNumPackedVariants; }

@@ -323,15 +323,16 @@ def test_w4a16_tensor_core_variants(variant: int, tokens: int, k: int, n: int) -
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", [-1, *range(8)])
+@pytest.mark.parametrize("variant", [-1, *range(10)])
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (4096, 11008, 128),
                                        (8192, 48, 1024), (256, 40, 128)])
 def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group: int) -> None:
-    """The packed-metadata decode kernel (w4a16_packed.cu), every variant incl. the PDL launches, N not a multiple
-    of 16 (padded metadata tiles) and groups of several 128-k blocks."""
+    """The packed-metadata decode kernel (w4a16_packed.cu), every variant incl. the PDL launches and the shared-memory
+    activations (and their fallback past 48 KB), N not a multiple of 16 (padded metadata tiles) and groups of
+    several 128-k blocks."""
     ext = kernels._ext.extension()
-    assert int(ext.w4a16_packed_num_variants()) == 8
+    assert int(ext.w4a16_packed_num_variants()) == 10
     gen = torch.Generator().manual_seed(variant * 31 + tokens + k + n + group)
     qw = _rand_codes((n, k), 4, gen)
     scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
@@ -382,6 +383,39 @@ def test_w4a16_packed_pdl_chain_in_graph() -> None:
     torch.cuda.synchronize()
     assert torch.equal(out, plain)
     assert rel_err(out, expect) < 5e-3
+
+
+def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
+    """Three W4A16 layers chained through QuantLinear: the first call builds the packed words (plain launch), later
+    calls launch with PDL (weights unchanged); eager and CUDA-graph replays equal the float32 reference."""
+    k = 1024
+    layers = [make_layer(k, k, 4, 16, group_size=128, w_symmetric=False).to(DEV).half() for _ in range(3)]
+    x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+
+    def run() -> torch.Tensor:
+        h = x
+        for layer in layers:
+            h = layer(h)
+        return h
+
+    def ref() -> torch.Tensor:
+        h = x.float()
+        for layer in layers:
+            h = layer.reference_forward(h.half().float())
+        return h
+
+    assert all(dispatch.supports(layer, x) for layer in layers)
+    first = run()
+    assert all(dispatch._packed_w4_meta(layer)[1] for layer in layers)  # stable from now on: PDL launches
+    second = run()
+    assert torch.equal(first, second)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+    assert rel_err(first, ref()) < 5e-3
 
 
 def test_memory_probe_runs() -> None:

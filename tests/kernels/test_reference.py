@@ -141,12 +141,17 @@ def test_w4a16_packed_op_matches_reference() -> None:
 def test_dispatch_uses_packed_meta_for_w4a16() -> None:
     """The W4A16 decode path builds the packed words once per layer and rebuilds them when the scales change."""
     layer = make_layer(256, 40, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
-    meta = dispatch._packed_w4_meta(layer)
-    assert meta is not None and dispatch._packed_w4_meta(layer) is meta
+    meta, stable = dispatch._packed_w4_meta(layer)
+    assert meta is not None and not stable  # first call: built now, so no programmatic dependent launch
+    again, stable = dispatch._packed_w4_meta(layer)
+    assert again is meta and stable
     with torch.no_grad():
         layer.w_scale.mul_(2.0)
-    meta2 = dispatch._packed_w4_meta(layer)
-    assert meta2 is not meta
+    meta2, stable = dispatch._packed_w4_meta(layer)
+    assert meta2 is not meta and not stable
+    with torch.no_grad():
+        layer.qweight.add_(0)  # an in-place edit of the codes: not stable for the next call either
+    assert dispatch._packed_w4_meta(layer) == (meta2, False)
     s2, _ = reference.unpack_w4_meta(meta2, 40)
     assert torch.allclose(s2, layer.w_scale.float(), rtol=2.0**-19)
     x = torch.randn(2, 256).half()
@@ -154,7 +159,7 @@ def test_dispatch_uses_packed_meta_for_w4a16() -> None:
     ref = layer.reference_forward(x.float())
     assert rel_err(out, ref) < 3e-3
     small_group = make_layer(256, 40, w_bits=4, a_bits=16, group_size=32, w_symmetric=False)
-    assert dispatch._packed_w4_meta(small_group) is None  # groups of 32: the float32 kernel
+    assert dispatch._packed_w4_meta(small_group) == (None, False)  # groups of 32: the float32 kernel
 
 
 def test_dequant_and_w4a16_ref_match_quantized_weight() -> None:
