@@ -493,7 +493,8 @@ __host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, in
 // LEFT: Kronecker with the identity as right factor, Y = P1^T X (FlatQuant's o_proj transform: the heads factor
 // (x) I_head_dim, whose head-dim factor is folded into v_proj). Step 1 is skipped: step 2's B fragments are X
 // itself, read by ldmatrix.trans (fp16 already: no power-of-two scaling), and the output columns keep their
-// natural order (a lane's values of one row are columns 2t, 2t+1 and 2t+8, 2t+9: two 2-byte code stores).
+// natural order (a lane's values of one row are columns 2t, 2t+1 and 2t+8, 2t+9: int8 codes are exchanged within
+// the quad so that each lane stores columns 4t .. 4t+3 as one 4-byte store; int4 codes as two 1-byte stores).
 // FAST only (plain fp16 products; the compensated mode takes an explicit identity right factor instead).
 template <int N1, int RMAX, bool FAST, int OUT, bool LEFT = false>
 __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc_kernel(
@@ -796,9 +797,10 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         const int tb = utb[r], c = uc[r], jt = ujt[r];
         const float scale = fmaxf(__uint_as_float(s_amax[buf][tb]) * clip_ratio / (float)QMAX, kEps);
         const float mul = ysc[r] * (1.f / scale);  // FAST only: (y * 2^-e * norm) / scale as one product
-        // physical columns 4t .. 4t+3 of the unit's row g (left-only: 2t, 2t+1 and, 8 further on, 2t+8, 2t+9);
-        // tile (mi, hr) is 16 mi + 8 hr rows further on
-        const int e0 = c * n1 * n2 + g * n2 + jt * 16 + (LEFT ? 2 : 4) * t;
+        // physical columns 4t .. 4t+3 of the unit's row g (left-only int4: 2t, 2t+1 and, 8 further on, 2t+8, 2t+9;
+        // left-only int8 stores 4t .. 4t+3 after a quad exchange); tile (mi, hr) is 16 mi + 8 hr rows further on
+        constexpr bool kLeftQuad = LEFT && OUT != kOutU4;
+        const int e0 = c * n1 * n2 + g * n2 + jt * 16 + ((LEFT && !kLeftQuad) ? 2 : 4) * t;
         uint8_t* cbase = codes + (size_t)(m0 + tb) * CB + (OUT == kOutU4 ? (e0 >> 1) : e0);
         const int rows8 = OUT == kOutU4 ? 4 * n2 : 8 * n2;  // bytes of 8 rows
         int rsum = 0;
@@ -806,8 +808,10 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         for (int mi = 0; mi < NB1; ++mi)
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
-            // padding rows (zero, not part of the output) lie in the last 16-row tile only (n1 > N1 - 16)
-            if (mi == NB1 - 1 && mi * 16 + g + 8 * hr >= n1) continue;
+            // padding rows (zero, not part of the output) lie in the last 16-row tile only (n1 > N1 - 16); the quad
+            // exchange below needs every lane, so there they are computed (codes of zeros) and not stored
+            const bool pad = mi == NB1 - 1 && mi * 16 + g + 8 * hr >= n1;
+            if (!kLeftQuad && pad) continue;
             uint32_t w;
             if constexpr (FAST) {
               w = quant4_fast<OUT>(y[r][mi][0][2 * hr], y[r][mi][0][2 * hr + 1], y[r][mi][1][2 * hr],
@@ -828,14 +832,16 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
               }
             }
             uint8_t* dst = cbase + (2 * mi + hr) * rows8;
-            if constexpr (LEFT) {
-              if constexpr (OUT == kOutU4) {
-                dst[0] = (uint8_t)w;
-                dst[4] = (uint8_t)(w >> 8);
-              } else {
-                *reinterpret_cast<uint16_t*>(dst) = (uint16_t)w;
-                *reinterpret_cast<uint16_t*>(dst + 8) = (uint16_t)(w >> 16);
-              }
+            if constexpr (kLeftQuad) {
+              // lane t holds columns (2t, 2t+1, 2t+8, 2t+9); columns 4t .. 4t+3 are the low (t < 2) or high
+              // (t >= 2) halves of quad lanes 2t mod 4 and 2t mod 4 + 1: one 4-byte store instead of two 2-byte ones
+              const int src = (lane & ~3) | ((2 * t) & 3);
+              const uint32_t wa = __shfl_sync(0xffffffffu, w, src);
+              const uint32_t wb = __shfl_sync(0xffffffffu, w, src + 1);
+              if (!pad) *reinterpret_cast<uint32_t*>(dst) = __byte_perm(wa, wb, t < 2 ? 0x5410 : 0x7632);
+            } else if constexpr (LEFT) {
+              dst[0] = (uint8_t)w;
+              dst[4] = (uint8_t)(w >> 8);
             } else if constexpr (OUT == kOutU4) {
               *reinterpret_cast<uint16_t*>(dst) = (uint16_t)w;
             } else {

@@ -364,7 +364,7 @@ def act_quant_tc_sim(
                     tb, v = divmod(u, U)
                     c, jt = divmod(v, NB2)
                     scale = max(F32(F32(s_amax[tb] * clip_ratio) / F32(QMAX)), F32(1e-8))
-                    e0 = c * n1r * n2 + jt * 16 + (2 if left else 4) * T
+                    e0 = c * n1r * n2 + jt * 16 + (2 if left else 4) * T  # lane columns before the exchange
                     inv_scale = F32(F32(1.0) / scale)
                     yr, s = y[(warp, r)], ysc[(warp, r)]
                     rsum = 0
@@ -387,7 +387,8 @@ def act_quant_tc_sim(
                                 ]
                             base = (m0 + tb) * CB  # straight into the token's row of the output
                             e, qs = e[keep], [qq[keep] for qq in qs]
-                            if left:  # columns 2t, 2t+1 and 2t+8, 2t+9: two 2-byte (int4: 1-byte) stores
+                            if left:  # columns 2t, 2t+1 and 2t+8, 2t+9 (int8: the kernel exchanges them in the quad
+                                # and lane t stores columns 4t .. 4t+3; the same bytes land; int4: two 1-byte stores)
                                 z = 8 if out == OUT_U4 else (0 if out == OUT_S8 else 128)
                                 cu = [(qq + z) & 0xFF for qq in qs]
                                 if out == OUT_U4:
