@@ -43,8 +43,8 @@ constexpr PackedVariant kPackedVariants[] = {{16, 1, false, 2}, {16, 1, true, 2}
                                              {16, 1, true, 2, true}};
 constexpr int kXSharedMax = 48 * 1024;
 constexpr int kNumPackedVariants = sizeof(kPackedVariants) / sizeof(kPackedVariants[0]);
-// H100 run v9a: 16 warps x 1 block is the fastest variant without PDL on all three 7B shapes at 1 and 16 tokens
-// (4096^2, 1 token: 6.7 us, float32-metadata kernel 7.5); its PDL twin (default_variant + 1) 5.2 us back to back.
+// H100 runs v9a/v9b: 16 warps x 1 block is the fastest variant without PDL on all three 7B shapes at 1 and 16 tokens
+// (v9b, 4096^2, 1 token: 6.2 us, float32-metadata kernel 7.6); its PDL twin (pdl_twin) 5.0 us back to back.
 constexpr int kDefaultPacked = 0;
 constexpr int pdl_twin(int v) { return v | 1; }  // even variants plain, odd ones the same kernel launched with PDL
 
