@@ -8,6 +8,8 @@
 // one byte-permute. (u - z) is exact in fp16; products accumulate in fp32.
 #pragma once
 
+#include <utility>
+
 #include "common.cuh"
 
 namespace qaas {
@@ -196,6 +198,24 @@ __device__ __forceinline__ void store_partials(float (&redw)[16][C], const float
     redw[g + 8][nt * 8 + 2 * t] = acc[nt][2];
     redw[g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
   }
+}
+
+// Launch `kernel` with the given shape on `stream`, with programmatic dependent launch when `pdl` (the kernel may
+// then start while the previous kernel in the stream drains; it must griddep_wait before touching that kernel's data).
+template <typename... Params, typename... Args>
+void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                      Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute la[1];
+  la[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  la[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = la;
+  cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
 // Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment

@@ -140,18 +140,9 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
 template <int NT, int WARPS, int UNROLL, int MINB, bool XS = false>
 void launch_packed(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw, const uint2* meta,
                    const half* bias, half* out, int B, int N, int K, int group_size) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)((N + 15) / 16));
-  cfg.blockDim = dim3(WARPS * 32);
-  cfg.dynamicSmemBytes = XS ? (size_t)B * K * 2 : 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute la[1];
-  la[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  la[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = la;
-  cfg.numAttrs = pdl ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_packed_kernel<NT, WARPS, UNROLL, MINB, XS>, x, qw, meta, bias, out, B, N, K,
-                                    group_size));
+  w4::launch_maybe_pdl(w4a16_packed_kernel<NT, WARPS, UNROLL, MINB, XS>, dim3((unsigned)((N + 15) / 16)),
+                       dim3(WARPS * 32), XS ? (size_t)B * K * 2 : 0, stream, pdl, x, qw, meta, bias, out, B, N, K,
+                       group_size);
 }
 
 template <int NT>

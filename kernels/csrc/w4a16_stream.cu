@@ -223,17 +223,8 @@ bool launch_config(bool pdl, cudaStream_t stream, const half* x, const uint8_t* 
   const int tiles = N / 16;
   const int grid = tiles < per_sm * sms ? tiles : per_sm * sms;
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)grid);
-  cfg.blockDim = dim3(WARPS * 32);
-  cfg.dynamicSmemBytes = dyn;
-  cfg.stream = stream;
-  cudaLaunchAttribute la[1];
-  la[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  la[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = la;
-  cfg.numAttrs = pdl ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, x, qw, scale, zero, bias, out, B, N, K, group_size, stages));
+  launch_maybe_pdl(kernel, dim3((unsigned)grid), dim3(WARPS * 32), dyn, stream, pdl, x, qw, scale, zero, bias, out, B, N,
+                   K, group_size, stages);
   return true;
 }
 

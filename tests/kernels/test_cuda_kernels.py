@@ -35,6 +35,17 @@ def _rand_codes(shape: tuple[int, int], bits: int, gen: torch.Generator) -> torc
     return pack_int4(u) if bits == 4 else u
 
 
+def _w4a16_case(gen: torch.Generator, tokens: int, k: int, n: int, group: int):
+    """Random int4 codes (1..15), per-group scale/zero, bias and activations on the CPU, drawn from ``gen`` in
+    that order, and the float64 reference output."""
+    qw = _rand_codes((n, k), 4, gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    bias = (torch.randn(n, generator=gen) * 0.1).half()
+    x = torch.randn(tokens, k, generator=gen).half()
+    return qw, scale, zero, bias, x, reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+
+
 # act_quant / act_quant_s8 cases: (mode, k, hb, n1). The tensor-core kernel takes fp16 Hadamard blocks of
 # 256..16384 and Kronecker factors that are multiples of 16 up to 128; the scalar kernel everything else.
 ACT_TC_CASES = [
@@ -229,12 +240,7 @@ def test_act_quant_env_variants(env: dict[str, str], max_flips: float, scale_tol
 @pytest.mark.parametrize("k,n,group", [(4096, 4096, 128), (11008, 512, 128), (1024, 1000, 256), (512, 1000, 32)])
 def test_w4a16_gemv(tokens: int, k: int, n: int, group: int) -> None:
     gen = torch.Generator().manual_seed(tokens * 7 + k + n)
-    qw = _rand_codes((n, k), 4, gen)
-    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
-    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
-    bias = (torch.randn(n, generator=gen) * 0.1).half()
-    x = torch.randn(tokens, k, generator=gen).half()
-    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
     _poison(tokens * n * 2)
     out = torch.ops.qaas.w4a16_gemm(x.to(DEV), qw.to(DEV), scale.to(DEV), zero.to(DEV), group, bias.to(DEV))
     assert out.dtype == torch.float16 and out.shape == (tokens, n)
@@ -312,12 +318,7 @@ def test_w4a16_tensor_core_variants(variant: int, tokens: int, k: int, n: int) -
     assert int(ext.w4a16_num_variants()) == 8  # 0-4 register streaming, 5-7 bulk-copy streaming
     gen = torch.Generator().manual_seed(variant * 101 + tokens + k + n)
     group = 128
-    qw = _rand_codes((n, k), 4, gen)
-    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
-    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
-    bias = (torch.randn(n, generator=gen) * 0.1).half()
-    x = torch.randn(tokens, k, generator=gen).half()
-    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
     _poison(tokens * n * 2)
     out = ext.w4a16_gemm_variant(x.to(DEV), qw.to(DEV), scale.to(DEV), zero.to(DEV), group, bias.to(DEV), variant)
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
@@ -334,12 +335,7 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     ext = kernels._ext.extension()
     assert int(ext.w4a16_packed_num_variants()) == 10
     gen = torch.Generator().manual_seed(variant * 31 + tokens + k + n + group)
-    qw = _rand_codes((n, k), 4, gen)
-    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
-    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
-    bias = (torch.randn(n, generator=gen) * 0.1).half()
-    x = torch.randn(tokens, k, generator=gen).half()
-    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
     meta = reference.pack_w4_meta(scale, zero).to(DEV)
     _poison(tokens * n * 2)
     out = ext.w4a16_gemm_packed_variant(x.to(DEV), qw.to(DEV), meta, group, bias.to(DEV), variant)
