@@ -152,10 +152,15 @@ def _make_plan(layer: "QuantLinear") -> KernelPlan | None:
 
 
 # ---------------------------------------------------------------------------------------------- tensors
+def _stamp(*tensors: torch.Tensor) -> tuple:
+    """Identity and in-place version of ``tensors``: equal stamps mean unchanged tensors."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
 def _derived(layer: "QuantLinear", key: str, src: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``make(src)`` cached on the layer until ``src`` is replaced or modified in place."""
     cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    stamp = (src.data_ptr(), src._version, src.dtype, src.device)
+    stamp = _stamp(src)
     hit = cache.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
@@ -169,7 +174,7 @@ def _derived_pair(
 ) -> Any:
     """``make(a, b)`` cached on the layer until either source is replaced or modified in place."""
     cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (a, b))
+    stamp = _stamp(a, b)
     hit = cache.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
@@ -192,7 +197,7 @@ def _packed_w4_meta(layer: "QuantLinear") -> tuple[torch.Tensor | None, bool]:
     if layer.in_features % 128 or layer.group_size % 128:
         return None, False
     cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (layer.qweight, layer.w_scale, layer.w_zero))
+    stamp = _stamp(layer.qweight, layer.w_scale, layer.w_zero)
     stable = cache.get("w4_weights_stamp") == stamp
     cache["w4_weights_stamp"] = stamp
 
@@ -246,19 +251,20 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     x2 = x2.contiguous()
     bias = _bias(layer)
     if plan.path == "w4a16":
-        scale = _derived(layer, "w_scale", layer.w_scale, _f32)
-        zero = _derived(layer, "w_zero", layer.w_zero, _f32)
-        meta, stable = _packed_w4_meta(layer) if x2.shape[0] <= GEMV_MAX_TOKENS else (None, False)
-        if meta is not None and k is not ops:
-            pdl = stable and w4a16_pdl_enabled()
-            out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias, pdl)
-        elif meta is not None:
+        decode = x2.shape[0] <= GEMV_MAX_TOKENS
+        meta, stable = _packed_w4_meta(layer) if decode else (None, False)
+        if meta is not None and k is ops:
             out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias)
-        elif x2.shape[0] <= GEMV_MAX_TOKENS:
-            out = k.w4a16_gemm(x2, layer.qweight, scale, zero, layer.group_size, bias)
+        elif meta is not None:  # the extension: launched with PDL when the weights are those of the last call
+            out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias, stable and w4a16_pdl_enabled())
         else:
-            w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size)
-            out = F.linear(x2, w.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+            scale = _derived(layer, "w_scale", layer.w_scale, _f32)
+            zero = _derived(layer, "w_zero", layer.w_zero, _f32)
+            if decode:
+                out = k.w4a16_gemm(x2, layer.qweight, scale, zero, layer.group_size, bias)
+            else:
+                w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size)
+                out = F.linear(x2, w.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
         return out.reshape(*lead, layer.out_features)
     tp = plan.transform
     p1 = p2 = None

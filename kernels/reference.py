@@ -168,10 +168,8 @@ def pack_w4_meta(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     tiles = -(-n // 16)
     bits = scale.detach().float().contiguous().view(torch.int32).to(torch.int64)
     bits = ((bits + 8) & ~W4_META_ZERO_BITS) | zero.detach().to(torch.int64)
-    words = torch.zeros(tiles * 16, g, dtype=torch.int64, device=scale.device)
-    words[:n] = bits
-    # two's complement int64 -> int32 bit pattern
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = torch.zeros(tiles * 16, g, dtype=torch.int32, device=scale.device)
+    words[:n] = bits.to(torch.int32)  # finite scales: the rounded bit patterns stay inside int32
     return words.reshape(tiles, 2, 8, g).permute(0, 3, 2, 1).contiguous()
 
 
