@@ -98,18 +98,30 @@ W4A16_PACKED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 wa
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
 
-TransformCase = tuple[str, int, int, "torch.Tensor | None", "torch.Tensor | None"]
+TransformCase = tuple[str, int, int, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
+
+
+def staged_fragments(k: int, mode: int, hb: int, p1: torch.Tensor | None, p2: torch.Tensor | None) -> torch.Tensor | None:
+    """The transform staged once for the tensor-core act_quant kernel, as ``kernels.dispatch`` passes it (``frags``;
+    None without a transform or where that kernel does not run for fp16 rows of ``k``)."""
+    if mode == 0:
+        return None
+    x = torch.empty(1, k, device="cuda", dtype=torch.float16)
+    frags = kernels._ext.extension().act_quant_fragments(x, mode, hb, p1, p2)
+    return frags if frags.numel() else None
 
 
 def transform_cases(k: int, gen: torch.Generator) -> list[TransformCase]:
-    """(label, mode, hadamard block, p1, p2) for act_quant on rows of ``k``: no transform, the block Hadamard the
-    dispatcher picks for ``k``, and a Kronecker transform of ``kron_factors(k)`` (each factor the identity plus a
-    random matrix scaled by 1/sqrt(n): dense, well conditioned), drawn on the GPU from ``gen`` (p1 then p2)."""
+    """(label, mode, hadamard block, p1, p2, frags) for act_quant on rows of ``k``: no transform, the block Hadamard
+    the dispatcher picks for ``k``, and a Kronecker transform of ``kron_factors(k)`` (each factor the identity plus
+    a random matrix scaled by 1/sqrt(n): dense, well conditioned), drawn on the GPU from ``gen`` (p1 then p2); frags
+    as deployed (``staged_fragments``)."""
     n1, n2 = kron_factors(k)
     p1 = torch.randn(n1, n1, generator=gen, device="cuda") / n1**0.5 + torch.eye(n1, device="cuda")
     p2 = torch.randn(n2, n2, generator=gen, device="cuda") / n2**0.5 + torch.eye(n2, device="cuda")
     hb = dispatch.hadamard_block_for(k)
-    return [("none", 0, 0, None, None), (f"hadamard b{hb}", 1, hb, None, None), (f"kronecker {n1}x{n2}", 2, 0, p1, p2)]
+    return [("none", 0, 0, None, None, None), (f"hadamard b{hb}", 1, hb, None, None, staged_fragments(k, 1, hb, None, None)),
+            (f"kronecker {n1}x{n2}", 2, 0, p1, p2, staged_fragments(k, 2, 0, p1, p2))]
 
 
 def kron_heads_case(k: int, heads: int = 32) -> TransformCase:
@@ -119,7 +131,7 @@ def kron_heads_case(k: int, heads: int = 32) -> TransformCase:
     (left-only Kronecker, the right product skipped)."""
     gen = torch.Generator(device="cuda").manual_seed(1234)
     p1 = torch.randn(heads, heads, generator=gen, device="cuda") / heads**0.5 + torch.eye(heads, device="cuda")
-    return (f"kronecker-heads {heads}x{k // heads}", 2, 0, p1, None)
+    return (f"kronecker-heads {heads}x{k // heads}", 2, 0, p1, None, staged_fragments(k, 2, 0, p1, None))
 
 
 def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, m: int, t_fp16: float,
@@ -233,8 +245,8 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
         assert best is not None
         cfg = best[0]
 
-        def sm90_layer(q, x, mode=0, hb_=0, a=None, b=None):
-            qa, sa, ca = ext.act_quant_s8(x, clip, mode, hb_, a, b)
+        def sm90_layer(q, x, mode=0, hb_=0, a=None, b=None, f=None):
+            qa, sa, ca = ext.act_quant_s8(x, clip, mode, hb_, a, b, f)
             return ext.w8a8_gemm_sm90(qa, sa, ca, q[0], q[1], None, cfg)
 
         t_layer = bench([lambda q=q, x=x: sm90_layer(q, x) for q, x in zip(wq, xq)])
@@ -243,10 +255,10 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
         aq_bytes = m * k * 2 + m * k + 8 * m
         t_aq = bench([lambda x=x: ext.act_quant_s8(x, clip, 0, 0, None, None) for x in xq])
         add("W8A8 act_quant_s8 [none] alone", t_aq, aq_bytes, 0.0, PEAK_INT8_TOPS)
-        for tname, mode, hb_, a, b in transforms:
-            t = bench([lambda x=x: ext.act_quant_s8(x, clip, mode, hb_, a, b) for x in xq])
+        for tname, mode, hb_, a, b, f in transforms:
+            t = bench([lambda x=x: ext.act_quant_s8(x, clip, mode, hb_, a, b, f) for x in xq])
             add(f"W8A8 act_quant_s8 [{tname}] alone", t, aq_bytes, 0.0, PEAK_INT8_TOPS)
-            tl = bench([lambda q=q, x=x: sm90_layer(q, x, mode, hb_, a, b) for q, x in zip(wq, xq)])
+            tl = bench([lambda q=q, x=x: sm90_layer(q, x, mode, hb_, a, b, f) for q, x in zip(wq, xq)])
             add(f"W8A8 wgmma layer with [{tname}]", tl, lb, flops, PEAK_INT8_TOPS, t_fp16,
                 transform_overhead_pct=100.0 * (tl - t_layer) / tl)
         # W4A8 on the same GEMM: int4 codes unpacked to uint8 (+120) per call
@@ -278,8 +290,8 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
             gemm_bytes = wb + m * k * a_bits / 8 + m * n * 2 + 4 * (m + n)
             add(f"{label} int8-mma GEMM only (qaas)", t_gemm, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
 
-            def layer_fn(q, x, mode=0, hb_=0, a=None, b=None):
-                codes, sa = ext.act_quant(x, a_bits, clip, mode, hb_, a, b)
+            def layer_fn(q, x, mode=0, hb_=0, a=None, b=None, f=None):
+                codes, sa = ext.act_quant(x, a_bits, clip, mode, hb_, a, b, f)
                 return ext.int8_gemm(codes, a_bits, sa, q[0], w_bits, q[1], None)
 
             t_layer = bench([lambda q=q, x=x: layer_fn(q, x) for q, x in zip(wq, xq)])
@@ -295,10 +307,10 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
             aq_bytes = m * k * 2 + m * k * a_bits / 8 + 4 * m
             aq = bench([lambda x=x: ext.act_quant(x, a_bits, clip, 0, 0, None, None) for x in xq])
             add(f"{label} act_quant [none] alone", aq, aq_bytes, 0.0, PEAK_INT8_TOPS)
-            for tname, mode, hb_, a, b in transforms:  # fused online transform cost, relative to this layer
-                aq = bench([lambda x=x: ext.act_quant(x, a_bits, clip, mode, hb_, a, b) for x in xq])
+            for tname, mode, hb_, a, b, f in transforms:  # fused online transform cost, relative to this layer
+                aq = bench([lambda x=x: ext.act_quant(x, a_bits, clip, mode, hb_, a, b, f) for x in xq])
                 add(f"{label} act_quant [{tname}] alone", aq, aq_bytes, 0.0, PEAK_INT8_TOPS)
-                tl = bench([lambda q=q, x=x: layer_fn(q, x, mode, hb_, a, b) for q, x in zip(wq, xq)])
+                tl = bench([lambda q=q, x=x: layer_fn(q, x, mode, hb_, a, b, f) for q, x in zip(wq, xq)])
                 add(f"{label} layer with [{tname}]", tl, lb, flops, PEAK_INT8_TOPS, t_fp16,
                     transform_overhead_pct=100.0 * (tl - t_layer) / tl)
             del wq
@@ -355,8 +367,8 @@ def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
         cfg = min((0, 1, 2), key=lambda c: bench([lambda q=q, c=c: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, c)
                                                   for q in wq], iters=20, reps=3))
 
-        def layer(q, x, mode, hb_, a, b):
-            qa, sa, ca = ext.act_quant_s8(x, clip, mode, hb_, a, b)
+        def layer(q, x, mode, hb_, a, b, f):
+            qa, sa, ca = ext.act_quant_s8(x, clip, mode, hb_, a, b, f)
             return ext.w8a8_gemm_sm90(qa, sa, ca, q[0], q[1], None, cfg)
 
         # Interleaved repeats (none, hadamard, kronecker, none, ...) and medians: a group's time drifts by a few
@@ -364,12 +376,14 @@ def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
         layer_t: dict[str, list[float]] = {}
         aq_t: dict[str, list[float]] = {}
         for _ in range(LAYER_REPEATS):
-            for kind, mode, hb_, a, b in kinds:
+            for kind, mode, hb_, a, b, f in kinds:
                 label = kind.split(" ")[0]
                 layer_t.setdefault(label, []).append(bench(
-                    [lambda q=q, x=x, mode=mode, hb_=hb_, a=a, b=b: layer(q, x, mode, hb_, a, b) for q, x in zip(wq, xs)]))
+                    [lambda q=q, x=x, mode=mode, hb_=hb_, a=a, b=b, f=f: layer(q, x, mode, hb_, a, b, f)
+                     for q, x in zip(wq, xs)]))
                 aq_t.setdefault(label, []).append(bench(
-                    [lambda x=x, mode=mode, hb_=hb_, a=a, b=b: ext.act_quant_s8(x, clip, mode, hb_, a, b) for x in xs]))
+                    [lambda x=x, mode=mode, hb_=hb_, a=a, b=b, f=f: ext.act_quant_s8(x, clip, mode, hb_, a, b, f)
+                     for x in xs]))
         aq_none = statistics.median(aq_t["none"])
         t_none = statistics.median(layer_t["none"])
         for kind, *_ in kinds:

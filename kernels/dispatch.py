@@ -9,7 +9,8 @@ Paths (fp16 activations):
   ``QAAS_W4A16_PDL=0`` turns that off), else ``qaas::w4a16_gemm``; more tokens ->
   ``qaas::dequant_w4`` + cuBLAS fp16.
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
-  of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization) ->
+  of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization; the
+  transform's factors staged once per layer by ``act_quant_fragments``) ->
   ``qaas::int8_gemm`` (int8 tensor cores, scales and bias in the epilogue).
   W8A8 and W4A8 on an extension built with CUTLASS (Hopper): ``qaas::act_quant_s8`` (signed codes and
   the row-sum term) -> ``qaas::w8a8_gemm_sm90`` (wgmma + TMA, the same epilogue fused), reading the
@@ -209,6 +210,28 @@ def _packed_w4_meta(layer: "QuantLinear") -> tuple[torch.Tensor | None, bool]:
     return _derived_pair(layer, "w4_meta", layer.w_scale, layer.w_zero, make), stable
 
 
+def _act_quant_fragments(
+    layer: "QuantLinear", k: Any, x2: torch.Tensor, tp: TransformPlan, p1: torch.Tensor | None, p2: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The layer's online transform staged once as the CUDA act_quant kernel holds it (``act_quant_fragments``:
+    fp16 fragments of P1 / P2 or of the Hadamard factors), so that its blocks copy them instead of rebuilding them
+    from the float32 factors on every call; None off the extension, without a transform, or where that kernel does
+    not run. Cached on the layer until the factors are replaced or modified in place (or K / dtype / device
+    change)."""
+    if k is ops or tp.mode == reference.MODE_NONE:
+        return None
+    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    key = (_stamp(*(t for t in (p1, p2) if t is not None)), tp.mode, tp.hadamard_block, x2.shape[-1], x2.dtype,
+           x2.device)
+    hit = cache.get("act_frags")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    frags = k.act_quant_fragments(x2, tp.mode, tp.hadamard_block, p1, p2)
+    value = frags if frags.numel() else None
+    cache["act_frags"] = (key, value)
+    return value
+
+
 def w4a16_pdl_enabled() -> bool:
     """Programmatic dependent launch for the W4A16 decode kernel (environment ``QAAS_W4A16_PDL``, default on;
     ``0`` turns it off)."""
@@ -275,12 +298,13 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         p2 = _derived(layer, "p2", tensors[tp.p2_name], _f32) if tp.p2_name else None
     clip = _derived(layer, "clip", layer.act_clip, lambda c: c.detach().float().reshape(()).contiguous())
     w_scale = _derived(layer, "w_scale_ch", layer.w_scale, lambda s: s.detach()[:, 0].float().contiguous())
+    frags = _act_quant_fragments(layer, k, x2, tp, p1, p2)
     if _use_sm90_gemm(layer, x2):
-        qa, a_scale, a_corr = k.act_quant_s8(x2, clip, tp.mode, tp.hadamard_block, p1, p2)
+        qa, a_scale, a_corr = k.act_quant_s8(x2, clip, tp.mode, tp.hadamard_block, p1, p2, frags)
         w_u8 = layer.qweight if layer.weight_bits == 8 else k.unpack_w4_u8(layer.qweight)
         out = k.w8a8_gemm_sm90(qa, a_scale, a_corr, w_u8, w_scale, bias, -1)
         return out.to(x.dtype).reshape(*lead, layer.out_features)
-    codes, a_scale = k.act_quant(x2, layer.act_bits, clip, tp.mode, tp.hadamard_block, p1, p2)
+    codes, a_scale = k.act_quant(x2, layer.act_bits, clip, tp.mode, tp.hadamard_block, p1, p2, frags)
     out = k.int8_gemm(codes, layer.act_bits, a_scale, layer.qweight, layer.weight_bits, w_scale, bias)
     return out.to(x.dtype).reshape(*lead, layer.out_features)
 

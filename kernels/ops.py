@@ -16,16 +16,25 @@ from kernels._ext import extension
 
 @torch.library.custom_op("qaas::act_quant", mutates_args=())
 def act_quant(
-    x: Tensor, bits: int, clip: Tensor, mode: int, hb: int, p1: Optional[Tensor], p2: Optional[Tensor]
+    x: Tensor,
+    bits: int,
+    clip: Tensor,
+    mode: int,
+    hb: int,
+    p1: Optional[Tensor],
+    p2: Optional[Tensor],
+    frags: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Online transform (mode 0 none, 1 block Hadamard of size ``hb``, 2 Kronecker ``p1``/``p2``; ``p2=None``: an
     identity right factor, which the CUDA kernel skips) fused with
-    per-token symmetric quantization to ``bits`` (8, or 4 packed two per byte); clip ratio ``clip``."""
+    per-token symmetric quantization to ``bits`` (8, or 4 packed two per byte); clip ratio ``clip``.
+    ``frags``: the transform's factors as the CUDA kernel stages them (the extension's ``act_quant_fragments``,
+    built once per transform); the same result, without rebuilding them in every block. The reference ignores it."""
     return reference.act_quant_ref(x, bits, clip, mode, hb, p1, p2)
 
 
 @act_quant.register_fake
-def _act_quant_fake(x, bits, clip, mode, hb, p1, p2):
+def _act_quant_fake(x, bits, clip, mode, hb, p1, p2, frags=None):
     m, k = x.shape
     return x.new_empty((m, k if bits == 8 else k // 2), dtype=torch.uint8), x.new_empty((m,), dtype=torch.float32)
 
@@ -93,15 +102,21 @@ def _scale_epilogue_fake(acc, a_scale, w_scale, bias):
 
 @torch.library.custom_op("qaas::act_quant_s8", mutates_args=())
 def act_quant_s8(
-    x: Tensor, clip: Tensor, mode: int, hb: int, p1: Optional[Tensor], p2: Optional[Tensor]
+    x: Tensor,
+    clip: Tensor,
+    mode: int,
+    hb: int,
+    p1: Optional[Tensor],
+    p2: Optional[Tensor],
+    frags: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``act_quant`` at 8 bits for the Hopper GEMM: signed int8 codes ``[M, K]``, scale ``[M]`` and
-    ``128 * row sum`` of the codes (int32 ``[M]``)."""
+    ``128 * row sum`` of the codes (int32 ``[M]``); ``frags`` as for ``act_quant``."""
     return reference.act_quant_s8_ref(x, clip, mode, hb, p1, p2)
 
 
 @act_quant_s8.register_fake
-def _act_quant_s8_fake(x, clip, mode, hb, p1, p2):
+def _act_quant_s8_fake(x, clip, mode, hb, p1, p2, frags=None):
     m, k = x.shape
     return (
         x.new_empty((m, k), dtype=torch.int8),
@@ -183,8 +198,8 @@ def _register_cuda_kernels() -> bool:
     if ext is None:
         return False
 
-    def _act_quant_cuda(x, bits, clip, mode, hb, p1, p2):
-        codes, scale = ext.act_quant(x, bits, clip, mode, hb, p1, p2)
+    def _act_quant_cuda(x, bits, clip, mode, hb, p1, p2, frags=None):
+        codes, scale = ext.act_quant(x, bits, clip, mode, hb, p1, p2, frags)
         return codes, scale
 
     def _w4a16_cuda(x, qweight, scale, zero, group_size, bias):
@@ -202,8 +217,8 @@ def _register_cuda_kernels() -> bool:
     def _scale_epilogue_cuda(acc, a_scale, w_scale, bias):
         return ext.scale_epilogue(acc, a_scale, w_scale, bias)
 
-    def _act_quant_s8_cuda(x, clip, mode, hb, p1, p2):
-        return tuple(ext.act_quant_s8(x, clip, mode, hb, p1, p2))
+    def _act_quant_s8_cuda(x, clip, mode, hb, p1, p2, frags=None):
+        return tuple(ext.act_quant_s8(x, clip, mode, hb, p1, p2, frags))
 
     def _w8a8_gemm_sm90_cuda(a, a_scale, a_corr, w, w_scale, bias, config):
         return ext.w8a8_gemm_sm90(a, a_scale, a_corr, w, w_scale, bias, config)

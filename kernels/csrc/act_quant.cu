@@ -11,8 +11,11 @@
 //   P2 = H_n2 as +-1 Sylvester matrices, since H_{n1 n2} = H_n1 (x) H_n2, then * 1/sqrt(hb) in fp32).
 //   Persistent blocks of 8 warps take TB tokens per round; rows arrive in shared memory by cp.async
 //   (16 bytes, double-buffered: the next round loads while this one computes; compact rows, padding rows of a
-//   chunk read one shared zero row); P1, P2 are staged once per block as fp16 fragments (coalesced, no
-//   divisions: on H100 run v7a integer index math was ~45% of the kernel's instructions). A warp "unit" is (token, chunk, 16 output columns j): step 1 computes
+//   chunk read one shared zero row); P1, P2 are held per block as fp16 fragments: copied (16-byte cp.async with the
+//   first round's rows) from a buffer act_quant_fragments built once per transform, the `frags` argument the
+//   dispatcher caches per layer, or else staged by each block from the float32 factors (coalesced, no divisions:
+//   on H100 run v7a integer index math was ~45% of the kernel's instructions; v8b: the staging alone ~27% at
+//   K = 11008). A warp "unit" is (token, chunk, 16 output columns j): step 1 computes
 //   T^T[j, :] = P2[:, j]^T X^T (A = P2^T fragments, B = X by ldmatrix), whose accumulators are exactly
 //   the B fragments of step 2, Y[:, j] = P1^T T[:, j] (no shuffles, nothing through shared memory).
 //   T is scaled by a power of two per unit first, so fp16 neither overflows nor loses low bits to subnormals.
@@ -393,6 +396,14 @@ __device__ __forceinline__ void mma16816_c0(float (&d)[4], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
 
+// d += a b over k = 8 (A: 16 x 8 as {a0, a1} of a 16 x 16 fragment, B: 8 x 8 as one register): the last k tile of
+// step 2 where its upper 8 rows are padding (n1 <= N1 - 8)
+__device__ __forceinline__ void mma1688(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+}
+
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t saddr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -480,13 +491,79 @@ __device__ __forceinline__ float absmax_tree(const float* v) {
   return fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
 }
 
+// Fragment-ordered fp16 copy of P^T's 16 x 16 A tiles (NB x NB tiles; P2 rows are output slots, physical column
+// col_of_slot; P1 rows plain, rows / columns >= n padding: zero; Hadamard: +-1 Sylvester entries instead of p): item
+// q = (tile, lane) holds A rows {g, g + 8} x columns {2t, 2t + 1, 2t + 8, 2t + 9} of the tile as 8 halves = that
+// lane's registers a0..a3 (one lds.128 in the kernel); lo: the fp16 residuals too (compensated mode). Items q = first,
+// first + step, ..., 4 per iteration with their 8 loads each in flight (element by element with integer index math
+// this was ~20-30% of the kernel's instructions: H100 runs v7a, v7c).
+__device__ __forceinline__ void stage_fragments(int NB, bool is_p2, int had, bool lo, const float* __restrict__ p,
+                                                int n, __half* dh, __half* dl, int first, int step) {
+  const int total = NB * NB * 32;
+  for (int q0 = 0; q0 < total; q0 += 4 * step) {
+    float v[4][8];
+#pragma unroll
+    for (int it = 0; it < 4; ++it) {
+      const int q = q0 + it * step + first;
+      const int tile = q >> 5, l = q & 31, gg = l >> 2, tt = l & 3;
+      const int rt = tile / NB, ct = tile - rt * NB;  // tile row (output block), tile column (k block)
+      const int r0 = rt * 16 + (is_p2 ? col_of_slot(gg) : gg);
+      const int r1 = rt * 16 + (is_p2 ? col_of_slot(gg + 8) : gg + 8);
+      const int k0 = ct * 16 + 2 * tt;
+      const int ks[4] = {k0, k0 + 1, k0 + 8, k0 + 9};
+#pragma unroll
+      for (int h = 0; h < 8; ++h) {
+        const int k = ks[(h >> 2) * 2 + (h & 1)];  // halves: (r0,k0) (r0,k0+1) (r1,k0) (r1,k0+1) (r0,k0+8) ...
+        const int r = ((h >> 1) & 1) ? r1 : r0;
+        float pvv = 0.f;
+        if (q < total && r < n && k < n) {
+          if (had) pvv = (__popc(r & k) & 1) ? -1.f : 1.f;
+          else pvv = __ldg(p + k * n + r);  // A(r, k) = P[k][r]
+        }
+        v[it][h] = pvv;
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < 4; ++it) {
+      const int q = q0 + it * step + first;
+      if (q < total) {
+        uint32_t hw[4], lw[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_pair(v[it][2 * e], v[it][2 * e + 1], hw[e], lw[e]);
+        *reinterpret_cast<uint4*>(dh + (size_t)q * 8) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+        if (lo) *reinterpret_cast<uint4*>(dl + (size_t)q * 8) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+      }
+    }
+  }
+}
+
+// Halves of the staged factors at the start of shared memory: P2 hi [, lo], P1 hi [, lo] (no P2 when left-only).
+__host__ __device__ inline size_t frag_halves(int N1, int n2, bool lo, bool left) {
+  return (size_t)(N1 * N1 + (left ? 0 : n2 * n2)) * (lo ? 2 : 1);
+}
+
+// The staged factors built once in global memory, laid out exactly as the kernel's shared memory holds them
+// (blockIdx.y: 0 P2, 1 P1; grid-stride over items).
+__global__ void act_quant_fragments_kernel(int N1, int n1, int n2, int had, bool lo, bool left,
+                                           const float* __restrict__ p1, const float* __restrict__ p2,
+                                           __half* __restrict__ out) {
+  const int first = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
+  __half* sp2h = out;
+  __half* sp1h = out + (lo ? 2 : 1) * (left ? 0 : n2 * n2);
+  if (blockIdx.y == 0) {
+    if (!left) stage_fragments(n2 >> 4, true, had, lo, p2, n2, sp2h, sp2h + n2 * n2, first, step);
+  } else {
+    stage_fragments(N1 >> 4, false, had, lo, p1, n1, sp1h, sp1h + N1 * N1, first, step);
+  }
+}
+
 // Shared memory (dynamic), in order: P2 fragments hi [, lo], P1 fragments hi [, lo] (fp16, n^2 each), one zero
 // row (n2 + 8 halves), X for TB tokens x 2 buffers (the token's K / n2 rows of n2 halves, each padded by 8:
 // conflict-free ldmatrix; compact: row r of the token is row r here, so chunk c starts at row c * n1, and the
 // ldmatrix lanes of the padding rows n1..N1-1 of a chunk read the zero row).
 // N1 = n1 rounded up to a multiple of 16. Left-only (the right factor is the identity): no P2.
 __host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, int TB, int K, bool left = false) {
-  return (size_t)2 * (N1 * N1 + (left ? 0 : n2 * n2)) * (lo ? 2 : 1) + (size_t)(n2 + 8) * 2 +
+  return (size_t)2 * frag_halves(N1, n2, lo, left) + (size_t)(n2 + 8) * 2 +
          (size_t)2 * TB * (K / n2) * (n2 + 8) * 2;
 }
 
@@ -499,8 +576,8 @@ __host__ __device__ inline size_t smem_bytes(int N1, int n1, int n2, bool lo, in
 template <int N1, int RMAX, bool FAST, int OUT, bool LEFT = false>
 __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc_kernel(
     const __half* __restrict__ x, int M, int K, int n1, int n2, int had, const float* __restrict__ clip,
-    const float* __restrict__ p1, const float* __restrict__ p2, float norm, int TB, int nrounds,
-    uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
+    const float* __restrict__ p1, const float* __restrict__ p2, const uint4* __restrict__ pfrag, float norm, int TB,
+    int nrounds, uint8_t* __restrict__ codes, float* __restrict__ scales, int* __restrict__ corr) {
   static_assert(!LEFT || FAST, "the left-only kernel is FAST only");
   constexpr int NB1 = N1 / 16;
   constexpr int QMAX = OUT == kOutU4 ? 7 : 127;
@@ -508,6 +585,9 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   // mma; by 2 only for the wide tiles (6-8 B fragments of 4 registers each per iteration)
   constexpr int kKbUnroll = N1 > 64 ? 2 : 4;
   const bool lo = !FAST && !had;  // P split in hi + lo (Kronecker, compensated)
+  // FAST: the last 16-row block of the padded n1 has only padding in its upper 8 rows (n1 <= N1 - 8, e.g. 86 of
+  // 96): step 1 skips that 8-row accumulator tile and step 2 takes its last k tile as m16n8k8 (~8% fewer products)
+  const bool pad_hi = FAST && n1 <= N1 - 8;
   const int NB2 = n2 >> 4;        // 16-blocks of n2 = j-tiles per chunk
   const int chunks = K / (n1 * n2);
   const int U = chunks * NB2;     // units (chunk, j-tile) per token
@@ -558,6 +638,15 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
       }
     }
   };
+  // P2^T / P1^T as fragment-ordered fp16 (stage_fragments): copied from `pfrag` (built once per transform by
+  // act_quant_fragments_kernel) by 16-byte cp.async in the first round's group, a few instructions per thread, or,
+  // without it, staged below from the float32 factors (H100 run v8b: ~27% of the K = 11008 kernel's instructions,
+  // all at the start of every block, waiting on scattered loads).
+  if (pfrag != nullptr) {
+    const int n16 = (int)(frag_halves(N1, n2, lo, LEFT) >> 3);
+    const uint32_t fbase = (uint32_t)__cvta_generic_to_shared(sp2h);
+    for (int i = tid; i < n16; i += kThreadsTc) cp_async16(fbase + (uint32_t)i * 16u, pfrag + i);
+  }
   for (int q = tid; q < xstr; q += kThreadsTc) szero[q] = __float2half_rn(0.f);
   if ((int)blockIdx.x < nrounds) issue(blockIdx.x, 0);
   cp_async_commit();
@@ -566,55 +655,9 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
     s_amax[0][tid] = s_amax[1][tid] = 0u;
     s_sum[0][tid] = s_sum[1][tid] = 0;
   }
-  // Stage P2^T (step-1 A operand; rows are output slots inside each 16-tile) and P1^T (step-2 A operand) as
-  // fragment-ordered fp16: fragment (tile row, tile col) = 32 lanes x 8 halves.
-  // Staged in fragment order: one thread-iteration writes one lane's 8 halves of one 16 x 16 A tile (16 bytes):
-  // A rows {g, g + 8} x columns {2t, 2t + 1, 2t + 8, 2t + 9} of the tile, i.e. 8 loads from 2 columns of P (L2 /
-  // L1 resident after the first block) and one 16-byte store; 4 iterations' loads in flight at a time. (Element
-  // by element with integer index math this was ~20-30% of the kernel's instructions: H100 runs v7a, v7c.)
-  {
-    auto stage = [&](int NB, bool is_p2, __half* dh, __half* dl) {
-      const int total = NB * NB * 32;
-      for (int q0 = 0; q0 < total; q0 += 4 * kThreadsTc) {
-        float v[4][8];
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-          const int q = q0 + it * kThreadsTc + tid;
-          const int tile = q >> 5, l = q & 31, gg = l >> 2, tt = l & 3;
-          const int rt = tile / NB, ct = tile - rt * NB;  // tile row (output block), tile column (k block)
-          // A row -> P column: P2 rows are output slots (physical column col_of_slot), P1 rows are plain
-          const int r0 = rt * 16 + (is_p2 ? col_of_slot(gg) : gg);
-          const int r1 = rt * 16 + (is_p2 ? col_of_slot(gg + 8) : gg + 8);
-          const int k0 = ct * 16 + 2 * tt;
-          const int n = is_p2 ? n2 : n1;  // real extent (P1: rows / columns >= n1 are padding: zero)
-          const int ks[4] = {k0, k0 + 1, k0 + 8, k0 + 9};
-#pragma unroll
-          for (int h = 0; h < 8; ++h) {
-            const int k = ks[(h >> 2) * 2 + (h & 1)];    // halves: (r0,k0) (r0,k0+1) (r1,k0) (r1,k0+1) (r0,k0+8) ...
-            const int r = ((h >> 1) & 1) ? r1 : r0;
-            float pvv = 0.f;
-            if (q < total && r < n && k < n) {
-              if (had) pvv = (__popc(r & k) & 1) ? -1.f : 1.f;
-              else pvv = __ldg((is_p2 ? p2 : p1) + k * n + r);  // A(r, k) = P[k][r]
-            }
-            v[it][h] = pvv;
-          }
-        }
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-          const int q = q0 + it * kThreadsTc + tid;
-          if (q < total) {
-            uint32_t hw[4], lw[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) split_pair(v[it][2 * e], v[it][2 * e + 1], hw[e], lw[e]);
-            *reinterpret_cast<uint4*>(dh + (size_t)q * 8) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
-            if (lo) *reinterpret_cast<uint4*>(dl + (size_t)q * 8) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
-          }
-        }
-      }
-    };
-    if (!LEFT) stage(NB2, true, sp2h, sp2l);
-    stage(NB1, false, sp1h, sp1l);
+  if (pfrag == nullptr) {
+    if (!LEFT) stage_fragments(NB2, true, had, lo, p2, n2, sp2h, sp2l, tid, kThreadsTc);
+    stage_fragments(NB1, false, had, lo, p1, n1, sp1h, sp1l, tid, kThreadsTc);
   }
   const float clip_ratio = __ldg(clip);
   // ldmatrix.x4 lane address inside a 16 x 16 X tile: matrices (rows 0-7, cols 0-7), (0-7, 8-15),
@@ -710,12 +753,13 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
             for (int na = 0; na < NB1; ++na) {
               uint32_t b[4];
               ldsm_x4(b, xrow[na] + (uint32_t)kb * 32u);
+              const bool hi = !(na == NB1 - 1 && pad_hi);  // rows 16 na + 8 .. + 15 not all padding
               if constexpr (FIRST) {
                 mma16816_c0(acc[2 * na], ah, b[0], b[1]);
-                mma16816_c0(acc[2 * na + 1], ah, b[2], b[3]);
+                if (hi) mma16816_c0(acc[2 * na + 1], ah, b[2], b[3]);
               } else {
                 mma16816(acc[2 * na], ah, b[0], b[1]);
-                mma16816(acc[2 * na + 1], ah, b[2], b[3]);
+                if (hi) mma16816(acc[2 * na + 1], ah, b[2], b[3]);
               }
               if (lo) {
                 mma16816(acc[2 * na], al, b[0], b[1]);
@@ -726,6 +770,10 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
           kstep(0, std::true_type{});
 #pragma unroll kKbUnroll
           for (int kb = 1; kb < NB2; ++kb) kstep(kb, std::false_type{});
+          if (pad_hi) {  // the skipped tile: T^T of zero rows
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[2 * NB1 - 1][e] = 0.f;
+          }
           // ---- power-of-two scaling of T into [2^14, 2^15) (fp16 range), then fp16 B fragments of step 2
           float mx = absmax_tree<8 * NB1>(&acc[0][0]);
           mx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(mx)));  // |.| >= 0: uint order
@@ -760,6 +808,12 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
         for (int ka = 0; ka < NB1; ++ka)
 #pragma unroll
           for (int mi = 0; mi < NB1; ++mi) {
+            if (ka == NB1 - 1 && pad_hi) {  // T rows 16 ka + 8 .. + 15 are padding (zero): k = 8 (ka >= 1 here)
+              const uint2 v2 = *reinterpret_cast<const uint2*>(f1h + (mi * NB1 + ka) * 256);
+              mma1688(y[r][mi][0], v2.x, v2.y, th[ka][0][0]);
+              mma1688(y[r][mi][1], v2.x, v2.y, th[ka][1][0]);
+              continue;
+            }
             const uint4 va = lds128(f1h + (mi * NB1 + ka) * 256);
             const uint32_t ah[4] = {va.x, va.y, va.z, va.w};
             if (ka == 0) {  // the first product of each accumulator (no zeroing)
@@ -959,30 +1013,30 @@ int blocks_per_sm(const void* fn, int dev, int smem_optin, size_t smem) {
 }
 
 template <int N1, int RMAX, bool FAST, int OUT, bool LEFT = false>
-void launch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const Plan& p, int dev,
-               int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
+void launch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const uint4* pfrag,
+               const Plan& p, int dev, int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
   auto kernel = act_quant_tc_kernel<N1, RMAX, FAST, OUT, LEFT>;
   const int occ = blocks_per_sm(reinterpret_cast<const void*>(kernel), dev, smem_optin, p.smem);
   const int grid = std::max(1, std::min(p.nrounds, sms * occ));
   kernel<<<grid, kThreadsTc, p.smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __half*>(x.data_ptr()), (int)x.size(0), (int)x.size(1), p.n1, p.n2, p.had,
-      clip.data_ptr<float>(), p1, p2, p.norm, p.TB, p.nrounds, codes, scales, corr);
+      clip.data_ptr<float>(), p1, p2, pfrag, p.norm, p.TB, p.nrounds, codes, scales, corr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool FAST, int OUT>
-void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const Plan& p,
-                 int dev, int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
-#define QAAS_TC(N1_, R_)                                                                      \
-  if (p.N1 == N1_ && p.rmax == R_) {                                                          \
-    launch_tc<N1_, R_, FAST, OUT>(x, clip, p1, p2, p, dev, sms, smem_optin, codes, scales, corr); \
-    return;                                                                                   \
+void dispatch_tc(const at::Tensor& x, const at::Tensor& clip, const float* p1, const float* p2, const uint4* pfrag,
+                 const Plan& p, int dev, int sms, int smem_optin, uint8_t* codes, float* scales, int* corr) {
+#define QAAS_TC(N1_, R_)                                                                             \
+  if (p.N1 == N1_ && p.rmax == R_) {                                                                 \
+    launch_tc<N1_, R_, FAST, OUT>(x, clip, p1, p2, pfrag, p, dev, sms, smem_optin, codes, scales, corr); \
+    return;                                                                                          \
   }
-#define QAAS_TC_LEFT(N1_)                                                                                   \
-  if (p.N1 == N1_ && p.rmax == rmax_narrow(N1_)) {                                                          \
-    launch_tc<N1_, rmax_narrow(N1_), true, OUT, true>(x, clip, p1, nullptr, p, dev, sms, smem_optin, codes, \
-                                                      scales, corr);                                       \
-    return;                                                                                                \
+#define QAAS_TC_LEFT(N1_)                                                                                          \
+  if (p.N1 == N1_ && p.rmax == rmax_narrow(N1_)) {                                                                 \
+    launch_tc<N1_, rmax_narrow(N1_), true, OUT, true>(x, clip, p1, nullptr, pfrag, p, dev, sms, smem_optin, codes, \
+                                                      scales, corr);                                              \
+    return;                                                                                                       \
   }
   if (p.left) {  // make_plan takes the left-only kernel in FAST mode and narrow variants only
     if constexpr (FAST) {
@@ -1045,14 +1099,65 @@ Args check_args(const char* name, const at::Tensor& x, const at::Tensor& clip, i
   return a;
 }
 
-template <int OUT>
-void run(const at::Tensor& x, const at::Tensor& clip, int mode, int hb, const Args& a, uint8_t* codes, float* scales,
-         int* corr) {
+struct Device {
   int dev = 0, sms = 0, optin = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+};
+
+Device device_info() {
+  Device d;
+  C10_CUDA_CHECK(cudaGetDevice(&d.dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, d.dev));
+  return d;
+}
+
+// The tensor-core plan for a transform (mode 1 / 2), or false where the other kernels run. A left-only Kronecker
+// the left-only kernel cannot take runs the general kernel with an explicit identity right factor: `b` then holds
+// it (kept alive by `eye`).
+bool select_tc_plan(const at::Tensor& x, int mode, int hb, const Args& a, int out, const Device& d, tc::Plan& plan,
+                    Args& b, at::Tensor& eye) {
+  b = a;
+  if (tc::make_plan(x, mode, hb, a.n1, a.n2, out, d.sms, d.optin, d.per_sm, a.left, plan)) return true;
+  if (!a.left) return false;
+  eye = at::eye(a.n2, x.options().dtype(at::kFloat));
+  b.p2 = eye.data_ptr<float>();
+  b.left = false;
+  return tc::make_plan(x, mode, hb, b.n1, b.n2, out, d.sms, d.optin, d.per_sm, false, plan);
+}
+
+// The staged factors of a plan in global memory (int16 words holding fp16 bit patterns), as act_quant_fragments_kernel
+// builds them.
+at::Tensor build_fragments(const at::Tensor& x, const tc::Plan& plan, const Args& b) {
+  const bool lo = !tc::fast_mode() && !plan.had;
+  const int64_t halves = (int64_t)tc::frag_halves(plan.N1, plan.n2, lo, plan.left);
+  auto out = at::empty({halves}, x.options().dtype(at::kShort));
+  const int items = std::max(plan.N1, plan.n2) * std::max(plan.N1, plan.n2) / 8;  // (NB^2 tiles x 32 lanes)
+  const dim3 grid((unsigned)std::max(1, std::min(64, (items + 255) / 256)), 2);
+  tc::act_quant_fragments_kernel<<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      plan.N1, plan.n1, plan.n2, plan.had, lo, plan.left, b.p1, b.p2, reinterpret_cast<__half*>(out.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// frags: act_quant_fragments for this transform (optional): checked against the plan, which must stage exactly that
+// many halves.
+const uint4* checked_fragments(const c10::optional<at::Tensor>& frags, const at::Tensor& x, const tc::Plan& plan) {
+  if (!frags.has_value() || !frags->defined()) return nullptr;
+  const bool lo = !tc::fast_mode() && !plan.had;
+  const int64_t halves = (int64_t)tc::frag_halves(plan.N1, plan.n2, lo, plan.left);
+  TORCH_CHECK(frags->is_cuda() && frags->device() == x.device() && frags->scalar_type() == at::kShort &&
+                  frags->is_contiguous() && frags->numel() == halves &&
+                  (reinterpret_cast<uintptr_t>(frags->data_ptr()) & 15) == 0,
+              "act_quant: frags must be act_quant_fragments(x, mode, hb, p1, p2) of this transform (", halves,
+              " int16 words on x's device)");
+  return reinterpret_cast<const uint4*>(frags->data_ptr());
+}
+
+template <int OUT>
+void run(const at::Tensor& x, const at::Tensor& clip, int mode, int hb, const Args& a,
+         const c10::optional<at::Tensor>& frags, uint8_t* codes, float* scales, int* corr) {
+  const Device d = device_info();
   if (mode == 0 && tc::tc_enabled() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
       (reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 && x.size(0) <= INT32_MAX) {
     const int vpt = vec::vpt_for((int)x.size(1));
@@ -1063,22 +1168,15 @@ void run(const at::Tensor& x, const at::Tensor& clip, int mode, int hb, const Ar
     }
   }
   tc::Plan plan;
-  if (tc::make_plan(x, mode, hb, a.n1, a.n2, OUT, sms, optin, per_sm, a.left, plan)) {
-    if (tc::fast_mode()) tc::dispatch_tc<true, OUT>(x, clip, a.p1, a.p2, plan, dev, sms, optin, codes, scales, corr);
-    else tc::dispatch_tc<false, OUT>(x, clip, a.p1, a.p2, plan, dev, sms, optin, codes, scales, corr);
+  Args b;
+  at::Tensor eye;
+  if (select_tc_plan(x, mode, hb, a, OUT, d, plan, b, eye)) {  // (false: b has the identity of a left-only a)
+    const uint4* pf = checked_fragments(frags, x, plan);
+    if (tc::fast_mode())
+      tc::dispatch_tc<true, OUT>(x, clip, b.p1, b.p2, pf, plan, d.dev, d.sms, d.optin, codes, scales, corr);
+    else
+      tc::dispatch_tc<false, OUT>(x, clip, b.p1, b.p2, pf, plan, d.dev, d.sms, d.optin, codes, scales, corr);
     return;
-  }
-  Args b = a;
-  at::Tensor eye;  // the left-only kernel does not apply: the other kernels take the identity right factor explicitly
-  if (a.left) {
-    eye = at::eye(a.n2, x.options().dtype(at::kFloat));
-    b.p2 = eye.data_ptr<float>();
-    b.left = false;
-    if (tc::make_plan(x, mode, hb, b.n1, b.n2, OUT, sms, optin, per_sm, false, plan)) {
-      if (tc::fast_mode()) tc::dispatch_tc<true, OUT>(x, clip, b.p1, b.p2, plan, dev, sms, optin, codes, scales, corr);
-      else tc::dispatch_tc<false, OUT>(x, clip, b.p1, b.p2, plan, dev, sms, optin, codes, scales, corr);
-      return;
-    }
   }
   switch (x.scalar_type()) {
     case at::kHalf: dispatch_scalar<at::Half, OUT>(mode, x, clip, hb, b.p1, b.p2, b.n1, b.n2, codes, scales, corr); break;
@@ -1094,7 +1192,8 @@ void run(const at::Tensor& x, const at::Tensor& clip, int mode, int hb, const Ar
 
 std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t bits, const at::Tensor& clip,
                                                   int64_t mode, int64_t hb, const c10::optional<at::Tensor>& p1,
-                                                  const c10::optional<at::Tensor>& p2) {
+                                                  const c10::optional<at::Tensor>& p2,
+                                                  const c10::optional<at::Tensor>& frags) {
   TORCH_CHECK(bits == 8 || bits == 4, "act_quant: bits must be 4 or 8");
   const Args a = check_args("act_quant", x, clip, mode, hb, p1, p2);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -1103,15 +1202,16 @@ std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t b
   auto codes = at::empty({M, bits == 8 ? K : K / 2}, x.options().dtype(at::kByte));
   auto scales = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0) return {codes, scales};
-  if (bits == 8) run<kOutU8>(x, clip, mode, hb, a, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), nullptr);
-  else run<kOutU4>(x, clip, mode, hb, a, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), nullptr);
+  if (bits == 8) run<kOutU8>(x, clip, mode, hb, a, frags, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), nullptr);
+  else run<kOutU4>(x, clip, mode, hb, a, frags, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), nullptr);
   return {codes, scales};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> act_quant_s8_cuda(const at::Tensor& x, const at::Tensor& clip,
                                                                  int64_t mode, int64_t hb,
                                                                  const c10::optional<at::Tensor>& p1,
-                                                                 const c10::optional<at::Tensor>& p2) {
+                                                                 const c10::optional<at::Tensor>& p2,
+                                                                 const c10::optional<at::Tensor>& frags) {
   const Args a = check_args("act_quant_s8", x, clip, mode, hb, p1, p2);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
@@ -1119,9 +1219,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_quant_s8_cuda(const at::Tenso
   auto scales = at::empty({M}, x.options().dtype(at::kFloat));
   auto corr = at::empty({M}, x.options().dtype(at::kInt));
   if (M == 0) return {codes, scales, corr};
-  run<kOutS8>(x, clip, mode, hb, a, reinterpret_cast<uint8_t*>(codes.data_ptr<int8_t>()), scales.data_ptr<float>(),
-              corr.data_ptr<int>());
+  run<kOutS8>(x, clip, mode, hb, a, frags, reinterpret_cast<uint8_t*>(codes.data_ptr<int8_t>()),
+              scales.data_ptr<float>(), corr.data_ptr<int>());
   return {codes, scales, corr};
+}
+
+// The transform's factors staged once as the tensor-core kernel holds them (fp16 fragments, int16 words), for the
+// `frags` argument of act_quant / act_quant_s8 on activations like x (same K, dtype and alignment; any number of
+// rows): every block then copies them instead of building them from p1 / p2. Empty where that kernel does not
+// run for such activations (no transform, bf16 / fp32 input, shapes it does not take). Valid while p1 / p2 are
+// unchanged and in the same process (the precision switch QAAS_ACT_QUANT_FAST is read once per process).
+at::Tensor act_quant_fragments_cuda(const at::Tensor& x, int64_t mode, int64_t hb, const c10::optional<at::Tensor>& p1,
+                                    const c10::optional<at::Tensor>& p2) {
+  const at::Tensor clip = at::ones({}, x.options().dtype(at::kFloat));
+  const Args a = check_args("act_quant_fragments", x, clip, mode, hb, p1, p2);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Device d = device_info();
+  tc::Plan plan;
+  Args b;
+  at::Tensor eye;
+  if (mode == 0 || !select_tc_plan(x, mode, hb, a, kOutS8, d, plan, b, eye))
+    return at::empty({0}, x.options().dtype(at::kShort));
+  return build_fragments(x, plan, b);
 }
 
 }  // namespace qaas

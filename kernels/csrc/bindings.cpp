@@ -5,7 +5,10 @@
 namespace qaas {
 std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t bits, const at::Tensor& clip,
                                                   int64_t mode, int64_t hb, const c10::optional<at::Tensor>& p1,
-                                                  const c10::optional<at::Tensor>& p2);
+                                                  const c10::optional<at::Tensor>& p2,
+                                                  const c10::optional<at::Tensor>& frags);
+at::Tensor act_quant_fragments_cuda(const at::Tensor& x, int64_t mode, int64_t hb, const c10::optional<at::Tensor>& p1,
+                                    const c10::optional<at::Tensor>& p2);
 at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero,
                            int64_t group_size, const c10::optional<at::Tensor>& bias);
 at::Tensor w4a16_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
@@ -27,7 +30,8 @@ at::Tensor scale_epilogue_cuda(const at::Tensor& acc, const at::Tensor& a_scale,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> act_quant_s8_cuda(const at::Tensor& x, const at::Tensor& clip,
                                                                  int64_t mode, int64_t hb,
                                                                  const c10::optional<at::Tensor>& p1,
-                                                                 const c10::optional<at::Tensor>& p2);
+                                                                 const c10::optional<at::Tensor>& p2,
+                                                                 const c10::optional<at::Tensor>& frags);
 at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& a_corr,
                                const at::Tensor& w, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
                                int64_t config);
@@ -43,7 +47,12 @@ at::Tensor kv_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cod
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qaas CUDA kernels (sm_90a)";
-  m.def("act_quant", &qaas::act_quant_cuda, "fused online transform + per-token symmetric activation quantisation");
+  m.def("act_quant", &qaas::act_quant_cuda, "fused online transform + per-token symmetric activation quantisation",
+        py::arg("x"), py::arg("bits"), py::arg("clip"), py::arg("mode"), py::arg("hb"), py::arg("p1"), py::arg("p2"),
+        py::arg("frags") = py::none());
+  m.def("act_quant_fragments", &qaas::act_quant_fragments_cuda,
+        "the transform's factors staged once for the tensor-core act_quant kernel (its frags argument; empty where "
+        "that kernel does not run)");
   m.def("w4a16_gemm", &qaas::w4a16_gemm_cuda, "int4 weight x fp16 activation GEMV (<= 16 rows)");
   m.def("w4a16_gemm_variant", &qaas::w4a16_gemm_variant_cuda,
         "w4a16_gemm with an explicit tensor-core decode variant (benchmarks; -1 = default)");
@@ -60,7 +69,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &qaas::int8_gemm_cuda, "int8 tensor-core GEMM with scale epilogue (int8/int4 operands)");
   m.def("scale_epilogue", &qaas::scale_epilogue_cuda, "int32 accumulator -> fp16 scale epilogue (int_mm baseline)");
   m.def("act_quant_s8", &qaas::act_quant_s8_cuda,
-        "fused online transform + per-token int8 quantisation to SIGNED codes, with 128 * row sums (sm90 GEMM input)");
+        "fused online transform + per-token int8 quantisation to SIGNED codes, with 128 * row sums (sm90 GEMM input)",
+        py::arg("x"), py::arg("clip"), py::arg("mode"), py::arg("hb"), py::arg("p1"), py::arg("p2"),
+        py::arg("frags") = py::none());
   m.def("w8a8_gemm_sm90", &qaas::w8a8_gemm_sm90_cuda,
         "W8A8 GEMM on Hopper wgmma (CUTLASS collective): signed int8 activations x uint8 weight codes, scale epilogue");
   m.def("unpack_w4_u8", &qaas::unpack_w4_u8_cuda,

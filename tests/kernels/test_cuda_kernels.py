@@ -173,6 +173,73 @@ def test_act_quant_s8(mode: int, k: int, hb: int, n1: int, m: int, dtype: torch.
     _check_s8(q, s, c, q_ref, s_ref, c_ref, exact=mode == 0, max_flips=max_flips, scale_tol=scale_tol)
 
 
+@pytest.mark.parametrize("mode,k,hb,n1", ACT_TC_CASES)
+@pytest.mark.parametrize("m", [1, 1501])
+def test_act_quant_staged_fragments_give_identical_codes(mode: int, k: int, hb: int, n1: int, m: int) -> None:
+    """The factors staged once (act_quant_fragments, what the dispatcher passes as ``frags``) and copied by every
+    block give the same codes, scales and row sums as the in-kernel staging, bit for bit, for every output form."""
+    x, clip, p1, p2 = _act_inputs(mode, k, n1, m, seed=11 * k + mode + m)
+    x, clip, p1, p2 = x.to(DEV), clip.to(DEV), _dev(p1), _dev(p2)
+    ext = kernels._ext.extension()
+    frags = ext.act_quant_fragments(x, _op_mode(mode), hb, p1, p2)
+    n2 = k // n1 if n1 else 0
+    assert frags.dtype == torch.int16 and frags.numel() > 0 and frags.numel() % 256 == 0
+    if mode == 2:  # P2 (n2 x n2) and P1 (n1 padded to a multiple of 16) as fp16 fragments (the FAST default)
+        assert frags.numel() == n2 * n2 + (-(-n1 // 16) * 16) ** 2
+    for bits in (8, 4):
+        want = torch.ops.qaas.act_quant(x, bits, clip, _op_mode(mode), hb, p1, p2)
+        _poison(m * k)
+        got = torch.ops.qaas.act_quant(x, bits, clip, _op_mode(mode), hb, p1, p2, frags)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), bits
+    want = ext.act_quant_s8(x, clip, _op_mode(mode), hb, p1, p2)
+    _poison(m * k)
+    got = ext.act_quant_s8(x, clip, _op_mode(mode), hb, p1, p2, frags)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_act_quant_fragments_only_where_the_tensor_core_kernel_runs() -> None:
+    ext = kernels._ext.extension()
+    x = torch.randn(4, 4096, device=DEV).half()
+    assert ext.act_quant_fragments(x, 0, 0, None, None).numel() == 0  # no transform
+    assert ext.act_quant_fragments(x.bfloat16(), 1, 4096, None, None).numel() == 0  # bf16: scalar kernel
+    p8 = torch.eye(8, device=DEV)
+    assert ext.act_quant_fragments(x[:, :1024].contiguous(), 2, 0, p8, torch.eye(128, device=DEV)).numel() == 0  # n1 < 16
+    assert ext.act_quant_fragments(x, 1, 4096, None, None).numel() == 2 * 64 * 64  # Hadamard 4096 = H_64 (x) H_64
+
+
+def test_act_quant_rejects_fragments_of_another_transform() -> None:
+    ext = kernels._ext.extension()
+    x = torch.randn(4, 4096, device=DEV).half()
+    clip = torch.tensor(0.9, device=DEV)
+    p64 = torch.eye(64, device=DEV)
+    other = ext.act_quant_fragments(x, 1, 4096, None, None)  # Hadamard 64 (x) 64: 8192 words
+    heads = ext.act_quant_fragments(x, 2, 0, torch.eye(32, device=DEV), None)  # left-only 32 heads: 1024 words
+    with pytest.raises(RuntimeError, match="frags must be act_quant_fragments"):
+        ext.act_quant_s8(x, clip, 2, 0, p64, p64, heads)
+    with pytest.raises(RuntimeError, match="frags must be act_quant_fragments"):
+        ext.act_quant_s8(x, clip, 2, 0, p64, p64, other.float())  # wrong dtype
+
+
+def test_dispatch_rebuilds_staged_fragments_when_the_transform_changes() -> None:
+    """The dispatcher's cached ``frags`` follow the layer's transform: replaced or edited in place, the factors are
+    staged again (a stale copy would quantize with the old transform)."""
+    k = 1024
+    t = KronTransform(32, 32)
+    layer = make_layer(k, 768, 8, 8, transform=t, clip=0.95).to(DEV).half()
+    x = torch.randn(1, 200, k, device=DEV, dtype=torch.float16)
+    out0 = layer(x)
+    cache = layer.__dict__[dispatch._CACHE_ATTR]
+    frags0 = cache["act_frags"][1]
+    assert frags0 is not None and frags0.numel() == 2 * 32 * 32
+    assert layer(x) is not None and cache["act_frags"][1] is frags0  # reused while nothing changed
+    with torch.no_grad():
+        t.left.mul_(1.5)  # in place: the float32 copy the dispatcher derives is rebuilt, then the fragments
+    out1 = layer(x)
+    assert cache["act_frags"][1] is not frags0
+    ref1 = layer.reference_forward(x.float())
+    assert rel_err(out1, ref1) < 2e-2 and rel_err(out1, out0) > 1e-2
+
+
 _ENV_VARIANT_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests/kernels")
@@ -200,6 +267,10 @@ for mode, k, hb, n1 in ACT_TC_CASES:
         _poison(m * k)
         q, s, c = torch.ops.qaas.act_quant_s8(x.cuda(), clip.cuda(), _op_mode(mode), hb, _dev(p1), _dev(p2))
         _check_s8(q, s, c, q_ref, s_ref, c_ref, exact=False, max_flips=max_flips, scale_tol=scale_tol)
+        # the factors staged once (in this precision mode: with the low parts when compensated): identical results
+        frags = kernels._ext.extension().act_quant_fragments(x.cuda(), _op_mode(mode), hb, _dev(p1), _dev(p2))
+        again = torch.ops.qaas.act_quant_s8(x.cuda(), clip.cuda(), _op_mode(mode), hb, _dev(p1), _dev(p2), frags)
+        assert all(torch.equal(a, b) for a, b in zip(again, (q, s, c))), (mode, k, m)
 print("ok")
 """
 

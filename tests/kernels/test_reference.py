@@ -84,6 +84,21 @@ def test_act_quant_ref_agrees_with_fake_quantize(bits: int, mode: int) -> None:
     assert torch.allclose(deq, fake_quantize(xt, bits, True, clip), atol=1e-5, rtol=1e-5)
 
 
+def test_act_quant_ops_take_staged_fragments_and_the_reference_ignores_them() -> None:
+    """``frags`` (the CUDA kernel's staged factors) changes nothing in the result: the references ignore it, and
+    off the extension the dispatcher builds none."""
+    torch.manual_seed(3)
+    x, clip, p1, p2 = torch.randn(5, 64), torch.tensor(0.9), torch.randn(8, 8), torch.randn(8, 8)
+    junk = torch.zeros(256, dtype=torch.int16)
+    for a, b in zip(torch.ops.qaas.act_quant(x, 8, clip, 2, 0, p1, p2, junk), torch.ops.qaas.act_quant(x, 8, clip, 2, 0, p1, p2)):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.ops.qaas.act_quant_s8(x, clip, 2, 0, p1, p2, junk), torch.ops.qaas.act_quant_s8(x, clip, 2, 0, p1, p2)):
+        assert torch.equal(a, b)
+    layer = make_layer(128, 48, 8, 8, transform=KronTransform(8, 16), clip=0.95)
+    dispatch.quant_linear_forward(layer, torch.randn(3, 128))
+    assert "act_frags" not in layer.__dict__[dispatch._CACHE_ATTR]
+
+
 @pytest.mark.parametrize("a_bits,w_bits", [(8, 8), (8, 4), (4, 4)])
 def test_int8_gemm_ref_matches_float_math(a_bits: int, w_bits: int) -> None:
     torch.manual_seed(0)
