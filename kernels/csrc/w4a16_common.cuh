@@ -150,7 +150,8 @@ __device__ __forceinline__ void x_frags_shared(const uint4* xs, int B, int KB, i
 }
 
 // One 128-k block of a 16-row tile (as kblock_mma) with dq_word4 code expansion: the packed-metadata kernel.
-// fa / fb: zero_fma_pair_code of rows g / g + 8. PERMUTED: bf holds fragment words (x_frags_shared), else raw
+// fa / fb: the -(64 + z) pairs of rows g / g + 8 (zero_fma_pair_code, or its one-IMAD form: w4a16_packed.cu
+// zero_codes). PERMUTED: bf holds fragment words (x_frags_shared), else raw
 // slices (x_frags_global).
 template <int NT, bool PERMUTED>
 __device__ __forceinline__ void kblock_mma_w4(const uint4& va, const uint4& vb, uint32_t za, uint32_t zb, uint32_t fa,

@@ -191,7 +191,11 @@ def load_model(
         raise ModelNotFound(model_id, str(exc)) from exc
     kind = model_kind(config)
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
-    model = auto.from_pretrained(ref, config=config, dtype=resolve_dtype(dtype), local_files_only=local_only)
+    # use_kernels=False: no Hugging Face hub kernels (downloaded at load time, and never what we quantize or serve;
+    # transformers >= 5.2x turns them on by default and fails where their package is absent: scripts/install.sh)
+    model = auto.from_pretrained(
+        ref, config=config, dtype=resolve_dtype(dtype), local_files_only=local_only, use_kernels=False
+    )
     model = model.to(device).eval()
     return LoadedModel(
         model=model,
