@@ -1126,16 +1126,21 @@ bool select_tc_plan(const at::Tensor& x, int mode, int hb, const Args& a, int ou
   return tc::make_plan(x, mode, hb, b.n1, b.n2, out, d.sms, d.optin, d.per_sm, false, plan);
 }
 
+// Whether a plan's factors are staged with their fp16 residuals (compensated Kronecker), and how many halves they take.
+bool plan_lo(const tc::Plan& plan) { return !tc::fast_mode() && !plan.had; }
+int64_t plan_frag_halves(const tc::Plan& plan) {
+  return (int64_t)tc::frag_halves(plan.N1, plan.n2, plan_lo(plan), plan.left);
+}
+
 // The staged factors of a plan in global memory (int16 words holding fp16 bit patterns), as act_quant_fragments_kernel
 // builds them.
 at::Tensor build_fragments(const at::Tensor& x, const tc::Plan& plan, const Args& b) {
-  const bool lo = !tc::fast_mode() && !plan.had;
-  const int64_t halves = (int64_t)tc::frag_halves(plan.N1, plan.n2, lo, plan.left);
-  auto out = at::empty({halves}, x.options().dtype(at::kShort));
+  auto out = at::empty({plan_frag_halves(plan)}, x.options().dtype(at::kShort));
   const int items = std::max(plan.N1, plan.n2) * std::max(plan.N1, plan.n2) / 8;  // (NB^2 tiles x 32 lanes)
   const dim3 grid((unsigned)std::max(1, std::min(64, (items + 255) / 256)), 2);
   tc::act_quant_fragments_kernel<<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      plan.N1, plan.n1, plan.n2, plan.had, lo, plan.left, b.p1, b.p2, reinterpret_cast<__half*>(out.data_ptr()));
+      plan.N1, plan.n1, plan.n2, plan.had, plan_lo(plan), plan.left, b.p1, b.p2,
+      reinterpret_cast<__half*>(out.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -1144,8 +1149,7 @@ at::Tensor build_fragments(const at::Tensor& x, const tc::Plan& plan, const Args
 // many halves.
 const uint4* checked_fragments(const c10::optional<at::Tensor>& frags, const at::Tensor& x, const tc::Plan& plan) {
   if (!frags.has_value() || !frags->defined()) return nullptr;
-  const bool lo = !tc::fast_mode() && !plan.had;
-  const int64_t halves = (int64_t)tc::frag_halves(plan.N1, plan.n2, lo, plan.left);
+  const int64_t halves = plan_frag_halves(plan);
   TORCH_CHECK(frags->is_cuda() && frags->device() == x.device() && frags->scalar_type() == at::kShort &&
                   frags->is_contiguous() && frags->numel() == halves &&
                   (reinterpret_cast<uintptr_t>(frags->data_ptr()) & 15) == 0,
