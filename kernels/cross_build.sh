@@ -2,7 +2,7 @@
 # Cross-build of the CUDA extension (kernels/_C.cpython-312-x86_64-linux-gnu.so) on a machine without a GPU, for a
 # device whose torch is TORCH_VERSION (default 2.11.0, the CUDA 13.0 wheel) under Python 3.12, sm_90a. The device
 # then loads the carried .so instead of spending ~3-4 minutes building it (kernels/device_run.sh checks that it
-# imports). Needs nvcc (CUDA 13), g++, Python 3.12 headers and ~2 GB of disk for the torch wheel's headers and libs.
+# imports and that kernels/_C.sources.sha256, written here, matches the sources there: carry both). Needs nvcc (CUDA 13), g++, Python 3.12 headers and ~2 GB of disk for the torch wheel's headers and libs.
 #   bash kernels/cross_build.sh [source.cu ...]     (default: every source; objects cached by mtime in .localbuild/obj)
 # Environment: TORCH_DIR (an unpacked torch wheel; default: downloaded once into /tmp/torch-$TORCH_VERSION),
 # PY312_INCLUDE (Python.h of 3.12), CUDA_HOME (default /usr/local/cuda), CUTLASS_DIR (CUTLASS 4.2 source tree:
@@ -55,5 +55,7 @@ fail=0; for p in ${pids[@]+"${pids[@]}"}; do wait "$p" || fail=1; done
 [[ $fail == 0 ]] || { grep -il error .localbuild/log/*.log; exit 1; }
 g++ -shared -o kernels/_C.cpython-312-x86_64-linux-gnu.so $(for s in $SRCS; do echo .localbuild/obj/$s.o; done) \
   -L"$TORCH_DIR/lib" -lc10 -ltorch -ltorch_cpu -ltorch_python -lc10_cuda -ltorch_cuda -L"$CUDA_HOME/lib64" -lcudart
+# what the .so was built from: kernels/device_run.sh uses a carried .so only when this matches its own sources
+cat kernels/csrc/* kernels/build.py | sha256sum | cut -d' ' -f1 > kernels/_C.sources.sha256
 grep -h -E "registers|spill" .localbuild/log/*.cu.log | sort | uniq -c | sort -rn | head -3
-ls -la kernels/_C.cpython-312-x86_64-linux-gnu.so
+ls -la kernels/_C.cpython-312-x86_64-linux-gnu.so kernels/_C.sources.sha256

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, build the extension, run the kernel tests, run the
 # benchmarks. Logs and result tables go to $OUT (default ./out). Usage: bash kernels/device_run.sh [stages]
-# A carried kernels/_C*.so that imports is used as is (QAAS_REBUILD=1 rebuilds).
+# A carried kernels/_C*.so built from these sources (kernels/_C.sources.sha256) that imports is used as is
+# (QAAS_REBUILD=1 rebuilds).
 # stages: any of build,test,w4,bench,ncu,aqprof,aqtime,transform,kv,e2e (default build,test,bench,e2e).
 set -u
 export PYTHONUNBUFFERED=1
@@ -14,9 +15,12 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.log"
 python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.log"
+# An extension built elsewhere for this torch (kernels/cross_build.sh) and carried with kernels/_C.sources.sha256:
+# used as is when it was built from these very sources and imports here.
 if [[ $STAGES == *build* ]] && [[ -z ${QAAS_REBUILD:-} ]] && ls kernels/_C*.so >/dev/null 2>&1 \
+    && [[ "$(cat kernels/csrc/* kernels/build.py | sha256sum | cut -d' ' -f1)" == "$(cat kernels/_C.sources.sha256 2>/dev/null)" ]] \
     && python3 -c "import torch, kernels._C as c; print('prebuilt kernels/_C loads; sm90 GEMM:', c.has_sm90_gemm())" 2>"$OUT/prebuilt.log"; then
-  STAGES=${STAGES//build/}  # an extension built elsewhere for this torch (cross-build) and carried: no rebuild
+  STAGES=${STAGES//build/}
 fi
 if [[ $STAGES == *build* ]]; then
   t0=$(date +%s)
