@@ -79,6 +79,12 @@ def mma16816(d: np.ndarray, a: np.ndarray, b0: np.ndarray, b1: np.ndarray) -> np
     return out
 
 
+def mma1688(d: np.ndarray, a0: np.ndarray, a1: np.ndarray, b0: np.ndarray) -> np.ndarray:
+    """d [32, 4] f32 += A (16 x 8: a0 rows g, a1 rows g + 8, [32, 2 halves] each) x B (8 x 8: b0 [32, 2 halves])."""
+    zero = np.zeros_like(a0)
+    return mma16816(d, np.stack([a0, a1, zero, zero], axis=1), b0, np.zeros_like(b0))
+
+
 def ldsm_x4(sm: np.ndarray, addr: np.ndarray) -> np.ndarray:
     """ldmatrix.x4 (b16, no transpose): lane l supplies the row address (in halves) of row l % 8 of
     matrix l // 8; returns [32, 4 regs, 2 halves], reg m = (row g, cols 2t, 2t+1) of matrix m."""
@@ -177,10 +183,13 @@ def act_quant_tc_sim(
     sms: int = 132,
     grid: int | None = None,
     wide_only: bool = False,
+    pad_skip: bool = True,
 ):
     """Returns (codes, scales, corr) as the kernel writes them, or None where the kernel does not apply.
     ``grid`` (default min(nrounds, sms)) sets the persistent grid, to exercise several rounds per block.
-    Kronecker with ``p2=None``: the identity right factor (the left-only kernel)."""
+    Kronecker with ``p2=None``: the identity right factor (the left-only kernel). ``pad_skip`` (the kernel's
+    ``pad_hi``, FAST only, n1 <= N1 - 8): step 1 skips the all-padding 8-row accumulator tile, step 2 takes its last
+    k tile as m16n8k8; False computes them in full, as before."""
     x = np.ascontiguousarray(x, dtype=F16)
     M, K = x.shape
     n1 = p1.shape[0] if p1 is not None else 0
@@ -196,6 +205,7 @@ def act_quant_tc_sim(
     NB1 = N1 // 16
     QMAX = 7 if out == OUT_U4 else 127
     lo = (not fast) and not had
+    pad_hi = pad_skip and fast and n1r <= N1 - 8
     NB2 = n2 >> 4
     chunks = K // (n1r * n2)
     U = chunks * NB2
@@ -318,7 +328,8 @@ def act_quant_tc_sim(
                             for na in range(NB1):
                                 bb = ldsm_x4(sxz, xrow[na] + kb * 16).astype(np.float64)
                                 acc[2 * na] = mma16816(acc[2 * na], ah, bb[:, 0], bb[:, 1])
-                                acc[2 * na + 1] = mma16816(acc[2 * na + 1], ah, bb[:, 2], bb[:, 3])
+                                if not (na == NB1 - 1 and pad_hi):  # (else: padding rows only; left at zero)
+                                    acc[2 * na + 1] = mma16816(acc[2 * na + 1], ah, bb[:, 2], bb[:, 3])
                                 if lo:
                                     acc[2 * na] = mma16816(acc[2 * na], al, bb[:, 0], bb[:, 1])
                                     acc[2 * na + 1] = mma16816(acc[2 * na + 1], al, bb[:, 2], bb[:, 3])
@@ -341,6 +352,10 @@ def act_quant_tc_sim(
                         for ka in range(NB1):
                             ah = lds128(sp1h, f1 + (mi * NB1 + ka) * 256).astype(np.float64)
                             bh = th[ka].astype(np.float64)  # [ns, half, lane, 2]
+                            if ka == NB1 - 1 and pad_hi:  # T rows 16 ka + 8 .. are padding: k = 8 from a0, a1
+                                for ns in range(2):
+                                    yr[mi, ns] = mma1688(yr[mi, ns], ah[:, 0], ah[:, 1], bh[ns, 0])
+                                continue
                             bl = tl[ka].astype(np.float64)
                             for ns in range(2):
                                 yr[mi, ns] = mma16816(yr[mi, ns], ah, bh[ns, 0], bh[ns, 1])

@@ -112,6 +112,21 @@ def test_tc_emulation_fast_mode(mode, k, hb, n1, m, out) -> None:
     assert float((s - s_ref.double()).norm() / s_ref.double().norm()) < 2e-3
 
 
+@pytest.mark.parametrize("k,n1,m,out,left", [(11008, 86, 1, OUT_S8, False), (2560, 20, 3, OUT_U4, False),
+                                             (2560, 20, 2, OUT_S8, True)])
+def test_tc_emulation_padding_aware_products_change_nothing(k, n1, m, out, left) -> None:
+    """n1 <= N1 - 8 (86 of 96, 20 of 32), FAST: the skipped 8-row tile of step 1 and step 2's m16n8k8 last k tile
+    give exactly the codes, scales and sums of the full products (those only add zeros), for the general and the
+    left-only kernel."""
+    x, p1, p2 = _inputs(2, k, n1, m, seed=5 * k + m)
+    args = (x.numpy(), 0.9, 2, 0, p1.numpy(), None if left else p2.numpy(), out)
+    skipped = act_quant_tc_sim(*args, fast=True, pad_skip=True)
+    full = act_quant_tc_sim(*args, fast=True, pad_skip=False)
+    assert skipped is not None and full is not None
+    for a, b in zip(skipped, full):
+        assert (a is None and b is None) or np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("k,n1,m,out,sms,grid", [
     (4096, 32, 5, OUT_S8, 2, 1),  # FlatQuant's o_proj: 32 heads (x) I_128, several rounds in one block
     (4096, 64, 9, OUT_U8, 2, 2),  # 64 (x) I_64, ragged last round
