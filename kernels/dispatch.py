@@ -158,30 +158,28 @@ def _stamp(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
+def _cached(layer: "QuantLinear", name: str, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()`` cached on the layer under ``name`` while ``key`` (stamps of its sources, and whatever else it
+    depends on) stays equal."""
+    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = make()
+    cache[name] = (key, value)
+    return value
+
+
 def _derived(layer: "QuantLinear", key: str, src: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``make(src)`` cached on the layer until ``src`` is replaced or modified in place."""
-    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    stamp = _stamp(src)
-    hit = cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    value = make(src)
-    cache[key] = (stamp, value)
-    return value
+    return _cached(layer, key, _stamp(src), lambda: make(src))
 
 
 def _derived_pair(
     layer: "QuantLinear", key: str, a: torch.Tensor, b: torch.Tensor, make: Callable[[torch.Tensor, torch.Tensor], Any]
 ) -> Any:
     """``make(a, b)`` cached on the layer until either source is replaced or modified in place."""
-    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    stamp = _stamp(a, b)
-    hit = cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    value = make(a, b)
-    cache[key] = (stamp, value)
-    return value
+    return _cached(layer, key, _stamp(a, b), lambda: make(a, b))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -220,16 +218,14 @@ def _act_quant_fragments(
     change)."""
     if k is ops or tp.mode == reference.MODE_NONE:
         return None
-    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
     key = (_stamp(*(t for t in (p1, p2) if t is not None)), tp.mode, tp.hadamard_block, x2.shape[-1], x2.dtype,
            x2.device)
-    hit = cache.get("act_frags")
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    frags = k.act_quant_fragments(x2, tp.mode, tp.hadamard_block, p1, p2)
-    value = frags if frags.numel() else None
-    cache["act_frags"] = (key, value)
-    return value
+
+    def make() -> torch.Tensor | None:
+        frags = k.act_quant_fragments(x2, tp.mode, tp.hadamard_block, p1, p2)
+        return frags if frags.numel() else None
+
+    return _cached(layer, "act_frags", key, make)
 
 
 def w4a16_pdl_enabled() -> bool:
