@@ -8,6 +8,7 @@
 # PY312_INCLUDE (Python.h of 3.12), CUDA_HOME (default /usr/local/cuda), CUTLASS_DIR (CUTLASS 4.2 source tree:
 # default from the nvidia-cutlass wheel, downloaded once), JOBS (parallel compiles, default 2).
 set -eu
+export LC_ALL=C  # one glob order for the sources' hash (kernels/_C.sources.sha256) on every machine
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}

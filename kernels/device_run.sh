@@ -5,6 +5,7 @@
 # (QAAS_REBUILD=1 rebuilds).
 # stages: any of build,test,w4,bench,ncu,aqprof,aqtime,transform,kv,e2e (default build,test,bench,e2e).
 set -u
+export LC_ALL=C  # one glob order for the sources' hash (kernels/_C.sources.sha256) on every machine
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -21,6 +22,8 @@ if [[ $STAGES == *build* ]] && [[ -z ${QAAS_REBUILD:-} ]] && ls kernels/_C*.so >
     && [[ "$(cat kernels/csrc/* kernels/build.py | sha256sum | cut -d' ' -f1)" == "$(cat kernels/_C.sources.sha256 2>/dev/null)" ]] \
     && python3 -c "import torch, kernels._C as c; print('prebuilt kernels/_C loads; sm90 GEMM:', c.has_sm90_gemm())" 2>"$OUT/prebuilt.log"; then
   STAGES=${STAGES//build/}
+elif [[ $STAGES == *build* ]] && ls kernels/_C*.so >/dev/null 2>&1; then
+  echo "carried kernels/_C not used: sources $(cat kernels/csrc/* kernels/build.py | sha256sum | cut -d' ' -f1), built from $(cat kernels/_C.sources.sha256 2>/dev/null)" | tee "$OUT/prebuilt.log"
 fi
 if [[ $STAGES == *build* ]]; then
   t0=$(date +%s)

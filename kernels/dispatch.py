@@ -7,7 +7,9 @@ Paths (fp16 activations):
   group are multiples of 128 and the zero points integers in 0..15 (launched with programmatic dependent launch
   once the layer's weights are unchanged since its previous call, so that consecutive W4A16 layers overlap;
   ``QAAS_W4A16_PDL=0`` turns that off), else ``qaas::w4a16_gemm``; more tokens ->
-  ``qaas::dequant_w4`` + cuBLAS fp16.
+  ``qaas::dequant_w4`` + cuBLAS fp16. Where N is also a multiple of 16, the first decode call puts the layer's codes
+  into the kernel's tiled order in place (``QuantLinear.tile_codes``: whole 128-byte lines per load, H200 run
+  v11b) and ``qaas::w4a16_gemm_packed_tiled`` runs; prefill then reads ``QuantLinear.packed_codes()`` (rows, a copy).
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization; the
   transform's factors staged once per layer by ``act_quant_fragments``) ->
@@ -186,6 +188,18 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _packed_w4_meta_applies(layer: "QuantLinear") -> bool:
+    """Whether the packed decode kernel runs for this layer (K and the group multiples of 128, zero points 0..15:
+    the words of ``_packed_w4_meta`` exist)."""
+    if layer.in_features % 128 or layer.group_size % 128:
+        return False
+    return _derived_pair(layer, "w4_meta_ok", layer.w_scale, layer.w_zero, reference.w4_meta_packable)
+
+
 def _packed_w4_meta(layer: "QuantLinear") -> tuple[torch.Tensor | None, bool]:
     """The layer's scale/zero as ``reference.pack_w4_meta`` words for ``w4a16_gemm_packed`` (None where the
     packed kernel does not apply: K or the group not a multiple of 128, or zero points outside 0..15), and
@@ -271,18 +285,30 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     bias = _bias(layer)
     if plan.path == "w4a16":
         decode = x2.shape[0] <= GEMV_MAX_TOKENS
+        if decode and not layer.codes_tiled and _packed_w4_meta_applies(layer) and not _capturing(x2):
+            # once: the decode kernel reads whole lines from the tiled order (no-op where not tileable). Never while a
+            # CUDA graph is captured: replays would permute the codes again
+            layer.tile_codes()
         meta, stable = _packed_w4_meta(layer) if decode else (None, False)
-        if meta is not None and k is ops:
+        pdl = stable and w4a16_pdl_enabled()  # the extension only: when the weights are those of the last call
+        if meta is not None and layer.codes_tiled:
+            n = layer.out_features
+            if k is ops:
+                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
+            else:
+                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, 1 if pdl else 0)
+        elif meta is not None and k is ops:
             out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias)
-        elif meta is not None:  # the extension: launched with PDL when the weights are those of the last call
-            out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias, stable and w4a16_pdl_enabled())
+        elif meta is not None:
+            out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias, pdl)
         else:
             scale = _derived(layer, "w_scale", layer.w_scale, _f32)
             zero = _derived(layer, "w_zero", layer.w_zero, _f32)
+            codes = layer.packed_codes()  # rows (a copy when a decode left the tiled order: prefill pays it)
             if decode:
-                out = k.w4a16_gemm(x2, layer.qweight, scale, zero, layer.group_size, bias)
+                out = k.w4a16_gemm(x2, codes, scale, zero, layer.group_size, bias)
             else:
-                w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size)
+                w = k.dequant_w4(codes, scale, zero, layer.group_size)
                 out = F.linear(x2, w.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
         return out.reshape(*lead, layer.out_features)
     tp = plan.transform
@@ -297,11 +323,11 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     frags = _act_quant_fragments(layer, k, x2, tp, p1, p2)
     if _use_sm90_gemm(layer, x2):
         qa, a_scale, a_corr = k.act_quant_s8(x2, clip, tp.mode, tp.hadamard_block, p1, p2, frags)
-        w_u8 = layer.qweight if layer.weight_bits == 8 else k.unpack_w4_u8(layer.qweight)
+        w_u8 = layer.qweight if layer.weight_bits == 8 else k.unpack_w4_u8(layer.packed_codes())
         out = k.w8a8_gemm_sm90(qa, a_scale, a_corr, w_u8, w_scale, bias, -1)
         return out.to(x.dtype).reshape(*lead, layer.out_features)
     codes, a_scale = k.act_quant(x2, layer.act_bits, clip, tp.mode, tp.hadamard_block, p1, p2, frags)
-    out = k.int8_gemm(codes, layer.act_bits, a_scale, layer.qweight, layer.weight_bits, w_scale, bias)
+    out = k.int8_gemm(codes, layer.act_bits, a_scale, layer.packed_codes(), layer.weight_bits, w_scale, bias)
     return out.to(x.dtype).reshape(*lead, layer.out_features)
 
 

@@ -64,6 +64,20 @@ def _w4a16_packed_fake(x, qweight, meta, group_size, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+@torch.library.custom_op("qaas::w4a16_gemm_packed_tiled", mutates_args=())
+def w4a16_gemm_packed_tiled(
+    x: Tensor, qtiled: Tensor, meta: Tensor, group_size: int, bias: Optional[Tensor], n: int
+) -> Tensor:
+    """:func:`w4a16_gemm_packed` over codes in the tiled order of ``reference.pack_w4_tiled`` (``[ceil(n/16) * 16,
+    K/2]``; ``n`` output features): each 16-byte load of the CUDA kernel covers whole 128-byte lines."""
+    return reference.w4a16_gemm_packed_tiled_ref(x, qtiled, meta, group_size, bias, n)
+
+
+@w4a16_gemm_packed_tiled.register_fake
+def _w4a16_packed_tiled_fake(x, qtiled, meta, group_size, bias, n):
+    return x.new_empty((x.shape[0], n))
+
+
 @torch.library.custom_op("qaas::dequant_w4", mutates_args=())
 def dequant_w4(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
     """int4 packed weight -> fp16 ``[N, K]`` (prefill path of W4A16: then cuBLAS)."""
@@ -208,6 +222,9 @@ def _register_cuda_kernels() -> bool:
     def _w4a16_packed_cuda(x, qweight, meta, group_size, bias):
         return ext.w4a16_gemm_packed(x, qweight, meta, group_size, bias, False)
 
+    def _w4a16_packed_tiled_cuda(x, qtiled, meta, group_size, bias, n):
+        return ext.w4a16_gemm_packed_tiled(x, qtiled, meta, group_size, bias, n, 0)
+
     def _dequant_w4_cuda(qweight, scale, zero, group_size):
         return ext.dequant_w4(qweight, scale, zero, group_size)
 
@@ -232,6 +249,7 @@ def _register_cuda_kernels() -> bool:
     act_quant.register_kernel("cuda")(_act_quant_cuda)
     w4a16_gemm.register_kernel("cuda")(_w4a16_cuda)
     w4a16_gemm_packed.register_kernel("cuda")(_w4a16_packed_cuda)
+    w4a16_gemm_packed_tiled.register_kernel("cuda")(_w4a16_packed_tiled_cuda)
     dequant_w4.register_kernel("cuda")(_dequant_w4_cuda)
     int8_gemm.register_kernel("cuda")(_int8_gemm_cuda)
     scale_epilogue.register_kernel("cuda")(_scale_epilogue_cuda)

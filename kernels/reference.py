@@ -12,7 +12,7 @@ import math
 import torch
 
 from quant.quantizers.core import compute_qparams, quantize_codes
-from quant.quantizers.packing import pack_int4, unpack_int4
+from quant.quantizers.packing import pack_int4, tile_int4_rows, unpack_int4, untile_int4_rows
 
 MODE_NONE = 0
 MODE_HADAMARD = 1
@@ -171,6 +171,22 @@ def pack_w4_meta(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     words = torch.zeros(tiles * 16, g, dtype=torch.int32, device=scale.device)
     words[:n] = bits.to(torch.int32)  # finite scales: the rounded bit patterns stay inside int32
     return words.reshape(tiles, 2, 8, g).permute(0, 3, 2, 1).contiguous()
+
+
+def pack_w4_tiled(qweight: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``[N, K/2]`` -> the decode kernel's tiled order (``quant.quantizers.packing.tile_int4_rows``)."""
+    return tile_int4_rows(qweight)
+
+
+def unpack_w4_tiled(tiled: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_w4_tiled`: the codes ``[n, K/2]`` in row order."""
+    return untile_int4_rows(tiled, n)
+
+
+def w4a16_gemm_packed_tiled_ref(x: torch.Tensor, qtiled: torch.Tensor, meta: torch.Tensor, group_size: int,
+                                bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """:func:`w4a16_gemm_packed_ref` over codes in the tiled order of :func:`pack_w4_tiled`."""
+    return w4a16_gemm_packed_ref(x, unpack_w4_tiled(qtiled, n), meta, group_size, bias)
 
 
 def unpack_w4_meta(meta: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

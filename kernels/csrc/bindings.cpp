@@ -21,6 +21,9 @@ at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor&
                                           int64_t group_size, const c10::optional<at::Tensor>& bias,
                                           int64_t variant);
 int64_t w4a16_packed_num_variants();
+at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
+                                        int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
+                                        int64_t variant);
 at::Tensor memory_probe_cuda(const at::Tensor& src, int64_t mode);
 at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size);
 at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor& a_scale, const at::Tensor& w,
@@ -63,6 +66,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm_packed_variant", &qaas::w4a16_gemm_packed_variant_cuda,
         "w4a16_gemm_packed with an explicit variant (benchmarks; -1 = default)");
   m.def("w4a16_packed_num_variants", &qaas::w4a16_packed_num_variants, "number of packed-metadata decode variants");
+  m.def("w4a16_gemm_packed_tiled", &qaas::w4a16_gemm_packed_tiled_cuda,
+        "w4a16_gemm_packed over codes in the tiled order of reference.pack_w4_tiled (n output features; variant 0-3: "
+        "16 warps x 1 / x 2 blocks, plain / PDL)");
   m.def("memory_probe", &qaas::memory_probe_cuda,
         "benchmark probe: empty kernel (0) or a read of the whole buffer with every load in flight (1 one pass, 2 persistent)");
   m.def("dequant_w4", &qaas::dequant_w4_cuda, "int4 weight -> fp16 dequantisation");

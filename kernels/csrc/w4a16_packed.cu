@@ -73,10 +73,12 @@ __device__ __forceinline__ void zero_codes(uint32_t word, uint32_t& zsub, uint32
 }
 __device__ __forceinline__ float meta_scale(uint32_t word) { return __uint_as_float(word & ~0xFu); }
 
-template <int NT, int WARPS, int UNROLL, int MINB, bool XS>
+// G: weight groups per row (K / group_size), kpg: 128-k blocks per group, both from the host (no integer division in
+// the prologue).
+template <int NT, int WARPS, int UNROLL, int MINB, bool XS, bool TILED = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qw, const uint2* __restrict__ meta,
-    const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K, int group_size) {
+    const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K, int G, int kpg) {
   constexpr int C = NT * 8;  // tokens per block
   __shared__ float red[WARPS][16][C];
   extern __shared__ uint4 xs[];  // XS: [B][KB][q 4][t 4] activation fragments
@@ -85,17 +87,19 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
   const int rA = min(n0 + g, N - 1), rB = min(n0 + g + 8, N - 1);
-  const int KB = K / 128, G = K / group_size, kpg = group_size / 128;  // 128-k blocks per group
-  const uint4* wA = reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
-  const uint4* wB = reinterpret_cast<const uint4*>(qw + (size_t)rB * (K / 2)) + t;
+  const int KB = K / 128;
+  // TILED (reference.pack_w4_tiled): the block's codes are 1 KB per 128-k block, lane-ordered: row g at unit lane,
+  // row g + 8 at unit 32 + lane, so each 16-byte load of the warp covers four whole 128-byte lines
+  const uint4* wA = TILED ? reinterpret_cast<const uint4*>(qw) + (size_t)blockIdx.x * KB * 64 + lane
+                          : reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
+  const uint4* wB = TILED ? wA + 32 : reinterpret_cast<const uint4*>(qw + (size_t)rB * (K / 2)) + t;
+  constexpr int kBlockUnits = TILED ? 64 : 4;  // uint4 units per 128-k block
   const uint2* mrow = meta + (size_t)blockIdx.x * G * 8 + g;  // [tile][group][g] -> (row g, row g + 8)
   // NT == 1: the activation row this lane's B fragment reads, from k = 32 t: token g, or the last token for lanes past
   // B (their output columns are never stored and an mma's columns are independent): one base pointer and unpredicated
   // loads at constant offsets per 128-k block (per-load 64-bit address math and predicates were ~40 SASS instructions
   // per block, recomputed under the 64-register cap). NT == 2 keeps the predicated loads (see zero_codes).
-  const uint4* xl[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xl[nt] = reinterpret_cast<const uint4*>(x + (size_t)min(nt * 8 + g, B - 1) * K) + 4 * t;
+  const uint4* xl = reinterpret_cast<const uint4*>(x + (size_t)min(g, B - 1) * K) + 4 * t;
   float acc[NT][4];
 #pragma unroll
   for (int i = 0; i < NT; ++i)
@@ -109,8 +113,8 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
     for (int u = 0; u < UNROLL; ++u) {
       const int kb = base + u;
       if (kb < KB) {
-        va[u] = __ldg(wA + kb * 4);
-        vb[u] = __ldg(wB + kb * 4);
+        va[u] = __ldg(wA + kb * kBlockUnits);
+        vb[u] = __ldg(wB + kb * kBlockUnits);
         mw[u] = __ldg(mrow + (size_t)(kpg == 1 ? kb : kb / kpg) * 8);  // groups of 128 skip the division
       }
     }
@@ -126,7 +130,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
         w4::x_frags_shared<NT>(xs, B, KB, kb, g, t, bf);
       } else if constexpr (NT == 1) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) bf[0][q] = __ldg(xl[0] + kb * 16 + q);
+        for (int q = 0; q < 4; ++q) bf[0][q] = __ldg(xl + kb * 16 + q);
       } else {
         w4::x_frags_global<NT>(x, B, K, kb, g, t, bf);
       }
@@ -172,7 +176,7 @@ void launch_packed(bool pdl, cudaStream_t stream, const half* x, const uint8_t* 
                    const half* bias, half* out, int B, int N, int K, int group_size) {
   w4::launch_maybe_pdl(w4a16_packed_kernel<NT, WARPS, UNROLL, MINB, XS>, dim3((unsigned)((N + 15) / 16)),
                        dim3(WARPS * 32), XS ? (size_t)B * K * 2 : 0, stream, pdl, x, qw, meta, bias, out, B, N, K,
-                       group_size);
+                       K / group_size, group_size / 128);
 }
 
 template <int NT>
@@ -189,6 +193,22 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
     launch_packed<NT, 16, 2, 2>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
   else
     launch_packed<NT, 8, 4, 1>(v.pdl, stream, x, qw, meta, bias, out, B, N, K, group_size);
+}
+
+// Tiled-weight variants (w4a16_gemm_packed_tiled): 0 / 1 = variant 0 / 1 (16 warps x 1 block, plain / PDL), 2 / 3 =
+// variant 4 / 5 (16 warps x 2 blocks).
+constexpr int kNumTiledVariants = 4;
+template <int NT>
+void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
+                          const half* bias, half* out, int B, int N, int K, int group_size) {
+  const bool pdl = variant & 1;
+  const dim3 grid((unsigned)((N + 15) / 16)), block(16 * 32);
+  if (variant < 2)
+    w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta, bias,
+                         out, B, N, K, K / group_size, group_size / 128);
+  else
+    w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 2, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta, bias,
+                         out, B, N, K, K / group_size, group_size / 128);
 }
 
 }  // namespace
@@ -242,5 +262,50 @@ at::Tensor w4a16_gemm_packed_cuda(const at::Tensor& x, const at::Tensor& qw, con
 }
 
 int64_t w4a16_packed_num_variants() { return kNumPackedVariants; }
+
+// The same GEMV over codes in the tiled order (reference.pack_w4_tiled, [ceil(N/16) * 16, K/2]); n: output features.
+at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
+                                        int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
+                                        int64_t variant) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf,
+              "w4a16_packed_tiled: x must be a contiguous fp16 CUDA tensor [M, K]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = n;
+  TORCH_CHECK(M <= 16, "w4a16_packed_tiled handles at most 16 rows");
+  TORCH_CHECK(K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0,
+              "w4a16_packed_tiled: K and group_size must be multiples of 128, group_size dividing K");
+  const int64_t G = K / group_size, tiles = (N + 15) / 16;
+  TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.dim() == 2 && qt.is_contiguous() &&
+                  qt.size(0) == tiles * 16 && qt.size(1) * 2 == K,
+              "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
+  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kInt && meta.is_contiguous() &&
+                  meta.numel() == tiles * G * 16,
+              "w4a16_packed_tiled: meta must be a contiguous int32 tensor of ceil(N/16) * G * 16 words (pack_w4_meta)");
+  TORCH_CHECK((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 &&
+                  (reinterpret_cast<uintptr_t>(qt.data_ptr()) & 15) == 0 &&
+                  (reinterpret_cast<uintptr_t>(meta.data_ptr()) & 7) == 0,
+              "w4a16_packed_tiled: x and qt must be 16-byte aligned, meta 8-byte aligned");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..3");
+  const half* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(),
+                "w4a16_packed_tiled: bias must be fp16 [N]");
+    bp = reinterpret_cast<const half*>(bias->data_ptr<at::Half>());
+  }
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const half* xp = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+  const uint2* mp = reinterpret_cast<const uint2*>(meta.data_ptr<int32_t>());
+  half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+  if (M <= 8)
+    launch_tiled_variant<1>((int)variant, stream, xp, qt.data_ptr<uint8_t>(), mp, bp, op, (int)M, (int)N, (int)K,
+                            (int)group_size);
+  else
+    launch_tiled_variant<2>((int)variant, stream, xp, qt.data_ptr<uint8_t>(), mp, bp, op, (int)M, (int)N, (int)K,
+                            (int)group_size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
 
 }  // namespace qaas

@@ -413,6 +413,24 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128)])
+def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: int) -> None:
+    """The decode kernel over codes in the tiled order (reference.pack_w4_tiled), plain and PDL, one and two 128-k
+    blocks per round, N not a multiple of 16 (zero rows padding the last tile)."""
+    ext = kernels._ext.extension()
+    gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
+    qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
+    meta = reference.pack_w4_meta(scale, zero).to(DEV)
+    tiled = reference.pack_w4_tiled(qw).to(DEV)
+    _poison(tokens * n * 2)
+    out = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant)
+    assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
+    with pytest.raises(RuntimeError, match="pack_w4_tiled"):
+        ext.w4a16_gemm_packed_tiled(x.to(DEV), qw.to(DEV) if n % 16 else qw[:-1].to(DEV), meta, group, None, n, 0)
+
+
 def test_w4a16_packed_pdl_chain_in_graph() -> None:
     """PDL variants chained in a CUDA graph where each call consumes the previous call's output (the dependency
     griddepcontrol.wait must honour): equal to the same chain run with the non-PDL variant, and to the reference."""

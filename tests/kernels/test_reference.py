@@ -131,6 +131,24 @@ def test_pack_w4_meta_roundtrip_and_layout() -> None:
     assert meta[2, :, 5:, :].eq(0).all()  # rows 37.. of the padded tile
 
 
+def test_pack_w4_tiled_roundtrip_and_layout() -> None:
+    gen = torch.Generator().manual_seed(4)
+    n, k = 37, 256  # the last tile padded with zero rows
+    qweight = torch.randint(1, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    tiled = reference.pack_w4_tiled(qweight)
+    assert tiled.dtype == torch.uint8 and tiled.shape == (48, k // 2)
+    assert torch.equal(reference.unpack_w4_tiled(tiled, n), qweight)
+    units = tiled.reshape(-1, 16)
+    # unit ((tile * KB + kb) * 2 + h) * 32 + 4 g + t: row 16 tile + 8 h + g, bytes 64 kb + 16 t ..
+    tile, kb, h, g, t = 1, 1, 1, 5, 3
+    unit = ((tile * (k // 128) + kb) * 2 + h) * 32 + 4 * g + t
+    assert torch.equal(units[unit], qweight[16 * tile + 8 * h + g, 64 * kb + 16 * t: 64 * kb + 16 * t + 16])
+    padded = tiled.reshape(3, k // 128, 2, 8, 4, 16)[2, :, :, :, :, :].reshape(k // 128, 16, 4, 16)
+    assert padded[:, 5:].eq(0).all() and padded[:, :5].ne(0).all()  # rows 37..47 zero, 32..36 kept
+    with pytest.raises(ValueError):
+        reference.pack_w4_tiled(qweight[:, :100])
+
+
 @pytest.mark.parametrize(
     "zero,ok",
     [(torch.tensor([[0.0, 15.0]]), True), (torch.tensor([[16.0, 1.0]]), False), (torch.tensor([[-1.0, 1.0]]), False),
@@ -175,6 +193,24 @@ def test_dispatch_uses_packed_meta_for_w4a16() -> None:
     assert rel_err(out, ref) < 3e-3
     small_group = make_layer(256, 40, w_bits=4, a_bits=16, group_size=32, w_symmetric=False)
     assert dispatch._packed_w4_meta(small_group) == (None, False)  # groups of 32: the float32 kernel
+
+
+def test_dispatch_tiles_w4a16_codes_at_decode() -> None:
+    """The first decode call puts a tileable layer's codes into the tiled order (the tiled op then runs); later decode
+    and prefill calls (rows read back through packed_codes) and the state dict stay equal to the reference."""
+    layer = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    rows = layer.qweight.clone()
+    for tokens in (2, 1, dispatch.GEMV_MAX_TOKENS + 8, 3):
+        x = torch.randn(tokens, 256).half()
+        out = dispatch.quant_linear_forward(layer, x)
+        assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
+    assert torch.equal(layer.state_dict()["qweight"], rows)
+    prefill_first = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    dispatch.quant_linear_forward(prefill_first, torch.randn(dispatch.GEMV_MAX_TOKENS + 1, 256).half())
+    assert not prefill_first.codes_tiled  # prefill alone leaves the rows
+    small_group = make_layer(256, 48, w_bits=4, a_bits=16, group_size=32, w_symmetric=False)
+    dispatch.quant_linear_forward(small_group, torch.randn(1, 256).half())
+    assert not small_group.codes_tiled  # groups of 32: the float32-metadata kernel reads rows
 
 
 def test_dequant_and_w4a16_ref_match_quantized_weight() -> None:

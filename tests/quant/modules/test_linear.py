@@ -44,3 +44,36 @@ def test_state_dict_load_refreshes_cached_weight() -> None:
     b(x)  # fills b's dequantized-weight cache
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+def test_tiled_codes_keep_the_row_interface() -> None:
+    """tile_codes puts qweight into the decode kernels' tiled order in place; packed_codes / weight_codes / the state
+    dict / copies still mean rows, and any write of the codes (state dict, assignment, in-place) drops the order."""
+    import copy
+
+    layer = build_quant_linear(torch.nn.Linear(256, 32), get_preset("rtn-w4a16-g128"))
+    rows = layer.qweight.clone()
+    w = layer.dequantized_weight()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert layer.tileable() and not layer.codes_tiled
+    assert layer.tile_codes() and layer.codes_tiled
+    assert layer.qweight.shape == rows.shape and not torch.equal(layer.qweight, rows)
+    assert torch.equal(layer.packed_codes(), rows)
+    assert torch.equal(layer.state_dict()["qweight"], rows)
+    layer.invalidate_cache()
+    torch.testing.assert_close(layer.dequantized_weight(), w, rtol=0, atol=0)
+    twin = copy.deepcopy(layer)
+    assert twin.codes_tiled and torch.equal(twin.packed_codes(), rows)
+    layer.load_state_dict(state)
+    assert not layer.codes_tiled and torch.equal(layer.qweight, rows)
+    assert layer.tile_codes() and layer.tile_codes()  # idempotent: tiled once
+    assert torch.equal(layer.packed_codes(), rows)
+    with torch.no_grad():
+        layer.qweight.copy_(rows)  # rows written in place
+    assert not layer.codes_tiled and torch.equal(layer.packed_codes(), rows)
+    layer.tile_codes()
+    layer.qweight = rows.clone()  # a new codes tensor
+    assert not layer.codes_tiled and torch.equal(layer.packed_codes(), rows)
+    odd = build_quant_linear(torch.nn.Linear(256, 40), get_preset("rtn-w4a16-g128"))  # N not a multiple of 16
+    before = odd.qweight.clone()
+    assert not odd.tileable() and not odd.tile_codes() and torch.equal(odd.qweight, before)
