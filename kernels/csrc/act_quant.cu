@@ -542,18 +542,32 @@ __host__ __device__ inline size_t frag_halves(int N1, int n2, bool lo, bool left
   return (size_t)(N1 * N1 + (left ? 0 : n2 * n2)) * (lo ? 2 : 1);
 }
 
+// Where each staged factor starts, from `base` (the same layout in act_quant_fragments_kernel's global buffer and in
+// the transform kernel's shared memory): P2 hi, P2 lo, P1 hi, P1 lo (a lo part only when `lo`), then `end`.
+struct FragLayout {
+  __half *p2h, *p2l, *p1h, *p1l, *end;
+};
+__host__ __device__ inline FragLayout frag_layout(__half* base, int N1, int n2, bool lo, bool left) {
+  FragLayout f;
+  f.p2h = base;
+  f.p2l = base + n2 * n2;
+  f.p1h = base + (lo ? 2 : 1) * (left ? 0 : n2 * n2);
+  f.p1l = f.p1h + N1 * N1;
+  f.end = f.p1h + (lo ? 2 : 1) * N1 * N1;
+  return f;
+}
+
 // The staged factors built once in global memory, laid out exactly as the kernel's shared memory holds them
 // (blockIdx.y: 0 P2, 1 P1; grid-stride over items).
 __global__ void act_quant_fragments_kernel(int N1, int n1, int n2, int had, bool lo, bool left,
                                            const float* __restrict__ p1, const float* __restrict__ p2,
                                            __half* __restrict__ out) {
   const int first = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
-  __half* sp2h = out;
-  __half* sp1h = out + (lo ? 2 : 1) * (left ? 0 : n2 * n2);
+  const FragLayout f = frag_layout(out, N1, n2, lo, left);
   if (blockIdx.y == 0) {
-    if (!left) stage_fragments(n2 >> 4, true, had, lo, p2, n2, sp2h, sp2h + n2 * n2, first, step);
+    if (!left) stage_fragments(n2 >> 4, true, had, lo, p2, n2, f.p2h, f.p2l, first, step);
   } else {
-    stage_fragments(N1 >> 4, false, had, lo, p1, n1, sp1h, sp1h + N1 * N1, first, step);
+    stage_fragments(N1 >> 4, false, had, lo, p1, n1, f.p1h, f.p1l, first, step);
   }
 }
 
@@ -596,11 +610,12 @@ __global__ void __launch_bounds__(kThreadsTc, min_blocks(N1, RMAX)) act_quant_tc
   const int CB = OUT == kOutU4 ? K / 2 : K;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __half* sp2h = reinterpret_cast<__half*>(smem_raw);
-  __half* sp2l = sp2h + n2 * n2;
-  __half* sp1h = sp2h + (lo ? 2 : 1) * (LEFT ? 0 : n2 * n2);
-  __half* sp1l = sp1h + N1 * N1;
-  __half* szero = sp1h + (lo ? 2 : 1) * N1 * N1;  // one zero row: what padding rows of X read
+  const FragLayout frags = frag_layout(reinterpret_cast<__half*>(smem_raw), N1, n2, lo, LEFT);
+  __half* sp2h = frags.p2h;
+  __half* sp2l = frags.p2l;
+  __half* sp1h = frags.p1h;
+  __half* sp1l = frags.p1l;
+  __half* szero = frags.end;  // one zero row: what padding rows of X read
   __half* sx = szero + xstr;
   // token absmax / code sums, double-buffered by round parity: a round's values are written out (and cleared)
   // after the next round's first barrier, so no barrier is needed between quantization and write-out
