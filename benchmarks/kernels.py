@@ -230,8 +230,14 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
                 add(f"W4A16 gemv variant {v}: {W4A16_VARIANTS[v]}", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
             add_w4a16_packed_rows(ext, w4, xs4, group, n, k, m, t_fp16, add)
         else:
-            t = bench([lambda q=q, x=x: F.linear(x, ext.dequant_w4(q[0], q[1], q[2], group)) for q, x in zip(w4, xs4)])
-            add("W4A16 dequant+cuBLAS (qaas)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+            t = bench([lambda q=q, x=x: F.linear(x, ext.dequant_w4(q[0], q[1], q[2], group, False)) for q, x in zip(w4, xs4)])
+            add("W4A16 dequant+cuBLAS (qaas, row-order codes)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+            if n % 16 == 0 and k % 128 == 0:  # a layer whose codes a decode call tiled (kernels.dispatch)
+                tiled = [reference.pack_w4_tiled(q[0]) for q in w4]
+                t = bench([lambda qt=qt, q=q, x=x: F.linear(x, ext.dequant_w4(qt, q[1], q[2], group, True))
+                           for qt, q, x in zip(tiled, w4, xs4)])
+                add("W4A16 dequant+cuBLAS (qaas, tiled codes)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+                del tiled
         del w4
         torch.cuda.empty_cache()
 

@@ -9,7 +9,8 @@ Paths (fp16 activations):
   ``QAAS_W4A16_PDL=0`` turns that off), else ``qaas::w4a16_gemm``; more tokens ->
   ``qaas::dequant_w4`` + cuBLAS fp16. Where N is also a multiple of 16, the first decode call puts the layer's codes
   into the kernel's tiled order in place (``QuantLinear.tile_codes``: whole 128-byte lines per load, H200 run
-  v11b) and ``qaas::w4a16_gemm_packed_tiled`` runs; prefill then reads ``QuantLinear.packed_codes()`` (rows, a copy).
+  v11b) and ``qaas::w4a16_gemm_packed_tiled`` runs; prefill then dequantises the tiled codes
+  (``qaas::dequant_w4_tiled``).
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization; the
   transform's factors staged once per layer by ``act_quant_fragments``) ->
@@ -304,11 +305,15 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         else:
             scale = _derived(layer, "w_scale", layer.w_scale, _f32)
             zero = _derived(layer, "w_zero", layer.w_zero, _f32)
-            codes = layer.packed_codes()  # rows (a copy when a decode left the tiled order: prefill pays it)
-            if decode:
-                out = k.w4a16_gemm(x2, codes, scale, zero, layer.group_size, bias)
+            if decode:  # (tiled codes come with packed words: this path reads rows)
+                out = k.w4a16_gemm(x2, layer.packed_codes(), scale, zero, layer.group_size, bias)
             else:
-                w = k.dequant_w4(codes, scale, zero, layer.group_size)
+                if not layer.codes_tiled:
+                    w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size)
+                elif k is ops:
+                    w = k.dequant_w4_tiled(layer.qweight, scale, zero, layer.group_size)
+                else:  # the extension's dequantisation reads the tiled order itself
+                    w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size, True)
                 out = F.linear(x2, w.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
         return out.reshape(*lead, layer.out_features)
     tp = plan.transform

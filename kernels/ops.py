@@ -89,6 +89,18 @@ def _dequant_w4_fake(qweight, scale, zero, group_size):
     return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2), dtype=torch.float16)
 
 
+@torch.library.custom_op("qaas::dequant_w4_tiled", mutates_args=())
+def dequant_w4_tiled(qtiled: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """:func:`dequant_w4` of codes in the decode kernel's tiled order (``reference.pack_w4_tiled``; N a multiple of
+    16, so ``[N, K/2]`` as the rows): W4A16 prefill of a layer whose codes a decode call tiled."""
+    return reference.dequant_w4_ref(reference.unpack_w4_tiled(qtiled, qtiled.shape[0]), scale, zero, group_size)
+
+
+@dequant_w4_tiled.register_fake
+def _dequant_w4_tiled_fake(qtiled, scale, zero, group_size):
+    return qtiled.new_empty((qtiled.shape[0], qtiled.shape[1] * 2), dtype=torch.float16)
+
+
 @torch.library.custom_op("qaas::int8_gemm", mutates_args=())
 def int8_gemm(
     a: Tensor, a_bits: int, a_scale: Tensor, w: Tensor, w_bits: int, w_scale: Tensor, bias: Optional[Tensor]
@@ -226,7 +238,10 @@ def _register_cuda_kernels() -> bool:
         return ext.w4a16_gemm_packed_tiled(x, qtiled, meta, group_size, bias, n, 0)
 
     def _dequant_w4_cuda(qweight, scale, zero, group_size):
-        return ext.dequant_w4(qweight, scale, zero, group_size)
+        return ext.dequant_w4(qweight, scale, zero, group_size, False)
+
+    def _dequant_w4_tiled_cuda(qtiled, scale, zero, group_size):
+        return ext.dequant_w4(qtiled, scale, zero, group_size, True)
 
     def _int8_gemm_cuda(a, a_bits, a_scale, w, w_bits, w_scale, bias):
         return ext.int8_gemm(a, a_bits, a_scale, w, w_bits, w_scale, bias)
@@ -251,6 +266,7 @@ def _register_cuda_kernels() -> bool:
     w4a16_gemm_packed.register_kernel("cuda")(_w4a16_packed_cuda)
     w4a16_gemm_packed_tiled.register_kernel("cuda")(_w4a16_packed_tiled_cuda)
     dequant_w4.register_kernel("cuda")(_dequant_w4_cuda)
+    dequant_w4_tiled.register_kernel("cuda")(_dequant_w4_tiled_cuda)
     int8_gemm.register_kernel("cuda")(_int8_gemm_cuda)
     scale_epilogue.register_kernel("cuda")(_scale_epilogue_cuda)
     return True

@@ -25,7 +25,8 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
                                         int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
                                         int64_t variant);
 at::Tensor memory_probe_cuda(const at::Tensor& src, int64_t mode);
-at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size);
+at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size,
+                           bool tiled);
 at::Tensor int8_gemm_cuda(const at::Tensor& a, int64_t a_bits, const at::Tensor& a_scale, const at::Tensor& w,
                           int64_t w_bits, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias);
 at::Tensor scale_epilogue_cuda(const at::Tensor& acc, const at::Tensor& a_scale, const at::Tensor& w_scale,
@@ -71,7 +72,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "16 warps x 1 / x 2 blocks, plain / PDL)");
   m.def("memory_probe", &qaas::memory_probe_cuda,
         "benchmark probe: empty kernel (0) or a read of the whole buffer with every load in flight (1 one pass, 2 persistent)");
-  m.def("dequant_w4", &qaas::dequant_w4_cuda, "int4 weight -> fp16 dequantisation");
+  m.def("dequant_w4", &qaas::dequant_w4_cuda,
+        "int4 weight -> fp16 dequantisation (tiled: codes in the decode kernel's tiled order, reference.pack_w4_tiled)",
+        pybind11::arg("qweight"), pybind11::arg("scale"), pybind11::arg("zero"), pybind11::arg("group_size"),
+        pybind11::arg("tiled") = false);
   m.def("int8_gemm", &qaas::int8_gemm_cuda, "int8 tensor-core GEMM with scale epilogue (int8/int4 operands)");
   m.def("scale_epilogue", &qaas::scale_epilogue_cuda, "int32 accumulator -> fp16 scale epilogue (int_mm baseline)");
   m.def("act_quant_s8", &qaas::act_quant_s8_cuda,

@@ -238,19 +238,30 @@ void launch_mma_variant(int variant, int grid, cudaStream_t stream, const half* 
 #undef QAAS_MMA
 }
 
-// Dequantise int4 codes to fp16 [N, K]: each thread expands one 16-byte chunk (32 weights).
+// Dequantise int4 codes to fp16 [N, K]: each thread expands one 16-byte chunk (32 weights), thread i reading unit i
+// (contiguous reads). TILED: the codes are in the decode kernel's tiled order (quant.quantizers.packing.
+// tile_int4_rows, N a multiple of 16): unit ((tile * K/128 + kb) * 2 + h) * 32 + 4 g + t is chunk 4 kb + t of row
+// 16 tile + 8 h + g (a warp's 32 units: 8 rows, each 4 consecutive chunks = 256 contiguous output bytes).
 __global__ void dequant_w4_kernel(const uint8_t* __restrict__ qw, const float* __restrict__ scale,
                                   const float* __restrict__ zero, half* __restrict__ out, int N, int K,
-                                  int group_size) {
+                                  int group_size, bool tiled) {
   const size_t chunks_per_row = K / 32;
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)N * chunks_per_row) return;
-  const size_t n = idx / chunks_per_row, c = idx % chunks_per_row;
+  size_t n, c;
+  if (tiled) {
+    const size_t block = idx >> 6, KB = K / 128;  // 64 units per 16-row x 128-k block
+    n = (block / KB) * 16 + ((idx >> 5) & 1) * 8 + ((idx >> 2) & 7);
+    c = (block % KB) * 4 + (idx & 3);
+  } else {
+    n = idx / chunks_per_row;
+    c = idx % chunks_per_row;
+  }
   const int G = K / group_size;
   const int g = (int)(c * 32) / group_size;
   const float s = scale[n * G + g];
   const float mz = 8388608.f + zero[n * G + g];
-  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(qw + n * (K / 2)) + c);
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(qw) + idx);
   const uint32_t* w32 = reinterpret_cast<const uint32_t*>(&wv);
   uint4 o[4];
   half2* oh = reinterpret_cast<half2*>(o);
@@ -345,10 +356,13 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qw, const at::
 
 int64_t w4a16_num_variants() { return kNumVariants; }
 
-at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size) {
+// tiled: qw holds the decode kernel's tiled order (N and K multiples of 16 and 128: the same [N, K/2] shape).
+at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size,
+                           bool tiled) {
   const c10::cuda::CUDAGuard guard(qw.device());
   const int64_t N = qw.size(0), K = qw.size(1) * 2;
   check_w4(qw, scale, zero, K, group_size);
+  TORCH_CHECK(!tiled || (N % 16 == 0 && K % 128 == 0), "dequant_w4: tiled codes need N % 16 == 0 and K % 128 == 0");
   auto out = at::empty({N, K}, qw.options().dtype(at::kHalf));
   const int64_t total = N * (K / 32);
   if (total == 0) return out;
@@ -356,7 +370,7 @@ at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const 
   const int64_t blocks = (total + threads - 1) / threads;
   dequant_w4_kernel<<<(unsigned)blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       qw.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
-      reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)N, (int)K, (int)group_size);
+      reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)N, (int)K, (int)group_size, tiled);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -329,6 +329,21 @@ def test_dequant_w4_exact() -> None:
     assert torch.equal(out, reference.dequant_w4_ref(qw, scale, zero, group))
 
 
+@pytest.mark.parametrize("n,k,group", [(304, 1024, 128), (48, 384, 128), (16, 128, 32)])
+def test_dequant_w4_tiled_exact(n: int, k: int, group: int) -> None:
+    """The prefill dequantisation of codes in the decode kernel's tiled order equals that of the rows."""
+    gen = torch.Generator().manual_seed(n + k)
+    qw = _rand_codes((n, k), 4, gen)
+    scale = torch.rand(n, k // group, generator=gen) + 0.01
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    tiled = reference.pack_w4_tiled(qw).to(DEV)
+    _poison(n * k * 2)
+    out = torch.ops.qaas.dequant_w4_tiled(tiled, scale.to(DEV), zero.to(DEV), group).cpu()
+    assert torch.equal(out, reference.dequant_w4_ref(qw, scale, zero, group))
+    with pytest.raises(RuntimeError, match="tiled"):
+        kernels._ext.extension().dequant_w4(tiled[:-1].contiguous(), scale[:-1].to(DEV), zero[:-1].to(DEV), group, True)
+
+
 @pytest.mark.parametrize("a_bits,w_bits", [(8, 8), (8, 4), (4, 4), (4, 8)])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 4096), (77, 1000, 4096), (300, 4096, 11008), (2048, 512, 256)])
 def test_int8_gemm(a_bits: int, w_bits: int, m: int, n: int, k: int) -> None:

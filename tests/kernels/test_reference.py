@@ -277,3 +277,10 @@ def test_cpu_only_import_and_supports_false() -> None:
     assert dispatch.supports(layer, torch.randn(2, 64)) is False
     out = layer(torch.randn(2, 64))  # QuantLinear.forward falls back to the reference
     assert out.shape == (2, 16)
+
+
+def test_dequant_w4_tiled_op_matches_rows() -> None:
+    layer = make_layer(256, 32, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    rows = torch.ops.qaas.dequant_w4(layer.qweight, layer.w_scale, layer.w_zero, 128)
+    tiled = torch.ops.qaas.dequant_w4_tiled(reference.pack_w4_tiled(layer.qweight), layer.w_scale, layer.w_zero, 128)
+    assert torch.equal(tiled, rows)
