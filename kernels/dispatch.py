@@ -30,6 +30,7 @@ On a machine without the built extension ``supports`` always returns False.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -157,8 +158,9 @@ def _make_plan(layer: "QuantLinear") -> KernelPlan | None:
 
 # ---------------------------------------------------------------------------------------------- tensors
 def _stamp(*tensors: torch.Tensor) -> tuple:
-    """Identity and in-place version of ``tensors``: equal stamps mean unchanged tensors."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    """Identity and in-place version of ``tensors``: equal stamps mean unchanged tensors. Inference tensors (made
+    under ``torch.inference_mode``) track no version: their identity alone."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
 
 
 def _cached(layer: "QuantLinear", name: str, key: tuple, make: Callable[[], Any]) -> Any:
@@ -187,6 +189,29 @@ def _derived_pair(
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
+
+
+# The extension's tiled-codes decode variants (kernels/csrc/w4a16_packed.cu launch_tiled_variant): 16 warps per 16-row
+# tile at two blocks per SM (default), or three per SM (40 registers) for many tiles at <= 8 tokens.
+TILED_DEFAULT, TILED_THREE_PER_SM = 0, 4
+# tiles per SM from which three blocks per SM pay (H200 v11f, 4096x11008 = 5.2 tiles per SM: 11.4 -> 10.8 us, with PDL
+# 10.2 -> 9.9; at 1.9 tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us)
+TILED_THREE_PER_SM_MIN_TILES_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def tiled_decode_variant(out_features: int, tokens: int, sms: int, pdl: bool) -> int:
+    """The tiled decode kernel's variant for ``out_features`` outputs and ``tokens`` rows on ``sms`` SMs (odd: launched
+    with programmatic dependent launch): three 16-warp blocks per SM where there are at least
+    ``TILED_THREE_PER_SM_MIN_TILES_PER_SM`` 16-row tiles per SM and one token group (<= 8 tokens; at 16 tokens that
+    variant spills and is 2x slower), else the default two."""
+    tiles = -(-out_features // 16)
+    many = tokens <= 8 and tiles >= TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms
+    return (TILED_THREE_PER_SM if many else TILED_DEFAULT) + (1 if pdl else 0)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -286,18 +311,20 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     bias = _bias(layer)
     if plan.path == "w4a16":
         decode = x2.shape[0] <= GEMV_MAX_TOKENS
-        if decode and not layer.codes_tiled and _packed_w4_meta_applies(layer) and not _capturing(x2):
-            # once: the decode kernel reads whole lines from the tiled order (no-op where not tileable). Never while a
-            # CUDA graph is captured: replays would permute the codes again
-            layer.tile_codes()
+        tiled = layer.codes_tiled
+        if decode and not tiled and layer.tileable() and _packed_w4_meta_applies(layer) and not _capturing(x2):
+            # once: the decode kernel reads whole lines from the tiled order. Never while a CUDA graph is captured:
+            # replays would permute the codes again
+            tiled = layer.tile_codes()
         meta, stable = _packed_w4_meta(layer) if decode else (None, False)
         pdl = stable and w4a16_pdl_enabled()  # the extension only: when the weights are those of the last call
-        if meta is not None and layer.codes_tiled:
+        if meta is not None and tiled:
             n = layer.out_features
             if k is ops:
                 out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
             else:
-                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, 1 if pdl else 0)
+                v = tiled_decode_variant(n, x2.shape[0], _sm_count(x2.device.index or 0), pdl)
+                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, v)
         elif meta is not None and k is ops:
             out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias)
         elif meta is not None:
@@ -308,7 +335,7 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
             if decode:  # (tiled codes come with packed words: this path reads rows)
                 out = k.w4a16_gemm(x2, layer.packed_codes(), scale, zero, layer.group_size, bias)
             else:
-                if not layer.codes_tiled:
+                if not tiled:
                     w = k.dequant_w4(layer.qweight, scale, zero, layer.group_size)
                 elif k is ops:
                     w = k.dequant_w4_tiled(layer.qweight, scale, zero, layer.group_size)

@@ -23,6 +23,11 @@ from quant.recipes.schema import FP_BITS, ActivationQuantSpec
 from quant.transforms.base import InputTransform, build_transform
 
 
+def _codes_stamp(t: torch.Tensor) -> tuple[int, int]:
+    """(data_ptr, in-place version) of a codes tensor; inference tensors track no version (-1: identity alone)."""
+    return t.data_ptr(), -1 if t.is_inference() else t._version
+
+
 def _kernel_dispatch():
     try:
         from kernels import dispatch  # optional: built CUDA extension
@@ -65,8 +70,8 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("act_clip", torch.tensor(float(act_clip_ratio)))
         self._dequant_cache: torch.Tensor | None = None
-        # (data_ptr, version) of qweight when it was put into the decode kernels' tiled order (tile_codes); None while
-        # it holds rows. A write into that tensor since (its version moved) means the rows were written back.
+        # _codes_stamp(qweight) when it was put into the decode kernels' tiled order (tile_codes); None while it holds
+        # rows. A write into that tensor since (its version moved) means the rows were written back.
         self._tiled_at: tuple[int, int] | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -131,8 +136,8 @@ class QuantLinear(nn.Module):
             return False
         q = self.qweight
         if q.data_ptr() != self._tiled_at[0]:  # moved or copied with its bytes: the same order, a new tensor
-            self._tiled_at = (q.data_ptr(), q._version)
-        elif q._version != self._tiled_at[1]:  # written in place since: rows again
+            self._tiled_at = _codes_stamp(q)
+        elif _codes_stamp(q)[1] != self._tiled_at[1]:  # written in place since: rows again
             self._tiled_at = None
         return self._tiled_at is not None
 
@@ -144,10 +149,10 @@ class QuantLinear(nn.Module):
         False (nothing changed) where the layer is not :meth:`tileable`."""
         if self.codes_tiled:
             return True
-        if not self.tileable():
-            return False
+        if not self.tileable() or (self.qweight.is_inference() and not torch.is_inference_mode_enabled()):
+            return False  # (an inference tensor can only be written inside inference mode)
         self.qweight.copy_(tile_int4_rows(self.qweight))
-        self._tiled_at = (self.qweight.data_ptr(), self.qweight._version)
+        self._tiled_at = _codes_stamp(self.qweight)
         return True
 
     def packed_codes(self) -> torch.Tensor:
@@ -193,7 +198,7 @@ class QuantLinear(nn.Module):
         tiled = self.codes_tiled
         out = super()._apply(fn, recurse)
         if tiled:  # the bytes moved as they were: still tiled, in the new tensor
-            self._tiled_at = (self.qweight.data_ptr(), self.qweight._version)
+            self._tiled_at = _codes_stamp(self.qweight)
         return out
 
     # ------------------------------------------------------------------ forward

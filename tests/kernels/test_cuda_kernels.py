@@ -428,12 +428,14 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize("variant", range(8))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
-@pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128)])
+@pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
+                                       (512, 48, 512)])
 def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: int) -> None:
     """The decode kernel over codes in the tiled order (reference.pack_w4_tiled), plain and PDL, one and two 128-k
-    blocks per round, N not a multiple of 16 (zero rows padding the last tile)."""
+    blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
+    second tile clamped), N not a multiple of 16 (zero rows padding the last tile)."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
@@ -516,6 +518,19 @@ def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
     torch.cuda.synchronize()
     assert torch.equal(out, first)
     assert rel_err(first, ref()) < 5e-3
+
+
+def test_w4a16_dispatch_many_tiles_uses_three_blocks_per_sm() -> None:
+    """A wide W4A16 layer (>= 4 tiles per SM) at 1 token runs the three-blocks-per-SM tiled variant (plain, then PDL on
+    the next call) and at 12 tokens the default one: all equal to the float32 reference."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 16 * dispatch.TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms
+    layer = make_layer(256, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
+    assert dispatch.tiled_decode_variant(n, 1, sms, False) == dispatch.TILED_THREE_PER_SM
+    for tokens in (1, 1, 12):
+        x = torch.randn(tokens, 256, device=DEV, dtype=torch.float16)
+        out = layer(x)
+        assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
 
 
 def test_memory_probe_runs() -> None:

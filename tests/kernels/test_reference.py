@@ -284,3 +284,32 @@ def test_dequant_w4_tiled_op_matches_rows() -> None:
     rows = torch.ops.qaas.dequant_w4(layer.qweight, layer.w_scale, layer.w_zero, 128)
     tiled = torch.ops.qaas.dequant_w4_tiled(reference.pack_w4_tiled(layer.qweight), layer.w_scale, layer.w_zero, 128)
     assert torch.equal(tiled, rows)
+
+
+def test_tiled_decode_variant_choice() -> None:
+    """Three blocks per SM only with many 16-row tiles per SM and at most 8 tokens; the PDL twin is the odd variant."""
+    sms = 132
+    assert dispatch.tiled_decode_variant(11008, 1, sms, False) == dispatch.TILED_THREE_PER_SM  # 688 tiles: 5.2 per SM
+    assert dispatch.tiled_decode_variant(11008, 1, sms, True) == dispatch.TILED_THREE_PER_SM + 1
+    assert dispatch.tiled_decode_variant(11008, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
+    assert dispatch.tiled_decode_variant(4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
+    edge = 16 * dispatch.TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms
+    assert dispatch.tiled_decode_variant(edge, 8, sms, False) == dispatch.TILED_THREE_PER_SM
+    assert dispatch.tiled_decode_variant(edge - 16, 8, sms, False) == dispatch.TILED_DEFAULT
+
+
+def test_dispatch_w4a16_with_inference_tensors() -> None:
+    """A layer built under torch.inference_mode (inference tensors track no version counter) runs the W4A16 path and
+    tiles its codes there; outside inference mode its codes stay rows (they cannot be written there)."""
+    x = torch.randn(1, 256).half()
+    with torch.inference_mode():
+        layer = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+        rows = layer.qweight.clone()
+        out = dispatch.quant_linear_forward(layer, x)
+        assert layer.codes_tiled and torch.equal(layer.packed_codes(), rows)
+        assert rel_err(out, layer.reference_forward(x.float())) < 3e-3
+        again = dispatch.quant_linear_forward(layer, x)
+        assert torch.equal(again, out)
+        other = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    out = dispatch.quant_linear_forward(other, x)
+    assert not other.codes_tiled and rel_err(out, other.reference_forward(x.float())) < 3e-3
