@@ -244,35 +244,41 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
   }
 }
 
+// The argument checks both entry points share (`name` prefixes the messages): x a contiguous fp16 CUDA [M <= 16, K], K
+// and the group multiples of 128, meta ceil(N/16) * G * 16 int32 words, x and the codes 16-byte aligned, meta 8-byte,
+// bias fp16 [N]; returns the bias pointer (nullptr without one).
+const half* check_decode_args(const char* name, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta,
+                              int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf, name,
+              ": x must be a contiguous fp16 CUDA tensor [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M <= 16, name, " handles at most 16 rows; use dequant + matmul for more");
+  TORCH_CHECK(K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0, name,
+              ": K and group_size must be multiples of 128, group_size dividing K");
+  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kInt && meta.is_contiguous() &&
+                  meta.numel() == (N + 15) / 16 * (K / group_size) * 16,
+              name, ": meta must be a contiguous int32 tensor of ceil(N/16) * G * 16 words (pack_w4_meta)");
+  TORCH_CHECK((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 &&
+                  (reinterpret_cast<uintptr_t>(codes.data_ptr()) & 15) == 0 &&
+                  (reinterpret_cast<uintptr_t>(meta.data_ptr()) & 7) == 0,
+              name, ": x and the codes must be 16-byte aligned, meta 8-byte aligned");
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(), name,
+              ": bias must be fp16 [N]");
+  return reinterpret_cast<const half*>(bias->data_ptr<at::Half>());
+}
+
 }  // namespace
 
 at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
                                           int64_t group_size, const c10::optional<at::Tensor>& bias,
                                           int64_t variant) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf,
-              "w4a16_packed: x must be a contiguous fp16 CUDA tensor [M, K]");
-  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2 && qw.dim() == 2, "w4a16_packed: x and qweight must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
-  TORCH_CHECK(M <= 16, "w4a16_packed handles at most 16 rows; use dequant + matmul for more");
-  TORCH_CHECK(qw.is_cuda() && qw.scalar_type() == at::kByte && qw.dim() == 2 && qw.is_contiguous() &&
-                  qw.size(1) * 2 == K,
+  TORCH_CHECK(qw.is_cuda() && qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.size(1) * 2 == K,
               "w4a16_packed: qweight must be a contiguous uint8 CUDA tensor [N, K/2]");
-  TORCH_CHECK(K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0,
-              "w4a16_packed: K and group_size must be multiples of 128, group_size dividing K");
-  const int64_t G = K / group_size, tiles = (N + 15) / 16;
-  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kInt && meta.is_contiguous() &&
-                  meta.numel() == tiles * G * 16,
-              "w4a16_packed: meta must be a contiguous int32 tensor of ceil(N/16) * G * 16 words (pack_w4_meta)");
-  TORCH_CHECK((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 &&
-                  (reinterpret_cast<uintptr_t>(qw.data_ptr()) & 15) == 0 &&
-                  (reinterpret_cast<uintptr_t>(meta.data_ptr()) & 7) == 0,
-              "w4a16_packed: x and qweight must be 16-byte aligned, meta 8-byte aligned");
-  const half* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(),
-                "w4a16_packed: bias must be fp16 [N]");
-    bp = reinterpret_cast<const half*>(bias->data_ptr<at::Half>());
-  }
+  const half* bp = check_decode_args("w4a16_packed", x, qw, meta, group_size, bias, N);
+  const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const int v = (variant >= 0 && variant < kNumPackedVariants) ? (int)variant : kDefaultPacked;
@@ -300,31 +306,14 @@ int64_t w4a16_packed_num_variants() { return kNumPackedVariants; }
 at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
                                         int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
                                         int64_t variant) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf,
-              "w4a16_packed_tiled: x must be a contiguous fp16 CUDA tensor [M, K]");
-  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2 && qt.dim() == 2, "w4a16_packed_tiled: x and qt must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = n;
-  TORCH_CHECK(M <= 16, "w4a16_packed_tiled handles at most 16 rows");
-  TORCH_CHECK(K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0,
-              "w4a16_packed_tiled: K and group_size must be multiples of 128, group_size dividing K");
-  const int64_t G = K / group_size, tiles = (N + 15) / 16;
-  TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.dim() == 2 && qt.is_contiguous() &&
-                  qt.size(0) == tiles * 16 && qt.size(1) * 2 == K,
+  TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
+                  qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kInt && meta.is_contiguous() &&
-                  meta.numel() == tiles * G * 16,
-              "w4a16_packed_tiled: meta must be a contiguous int32 tensor of ceil(N/16) * G * 16 words (pack_w4_meta)");
-  TORCH_CHECK((reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0 &&
-                  (reinterpret_cast<uintptr_t>(qt.data_ptr()) & 15) == 0 &&
-                  (reinterpret_cast<uintptr_t>(meta.data_ptr()) & 7) == 0,
-              "w4a16_packed_tiled: x and qt must be 16-byte aligned, meta 8-byte aligned");
   TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..7");
-  const half* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(),
-                "w4a16_packed_tiled: bias must be fp16 [N]");
-    bp = reinterpret_cast<const half*>(bias->data_ptr<at::Half>());
-  }
+  const half* bp = check_decode_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N);
+  const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
