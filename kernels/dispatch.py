@@ -218,14 +218,6 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _packed_w4_meta_applies(layer: "QuantLinear") -> bool:
-    """Whether the packed decode kernel runs for this layer (K and the group multiples of 128, zero points 0..15:
-    the words of ``_packed_w4_meta`` exist)."""
-    if layer.in_features % 128 or layer.group_size % 128:
-        return False
-    return _derived_pair(layer, "w4_meta_ok", layer.w_scale, layer.w_zero, reference.w4_meta_packable)
-
-
 def _packed_w4_meta(layer: "QuantLinear") -> tuple[torch.Tensor | None, bool]:
     """The layer's scale/zero as ``reference.pack_w4_meta`` words for ``w4a16_gemm_packed`` (None where the
     packed kernel does not apply: K or the group not a multiple of 128, or zero points outside 0..15), and
@@ -311,12 +303,13 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     bias = _bias(layer)
     if plan.path == "w4a16":
         decode = x2.shape[0] <= GEMV_MAX_TOKENS
+        meta, stable = _packed_w4_meta(layer) if decode else (None, False)
         tiled = layer.codes_tiled
-        if decode and not tiled and layer.tileable() and _packed_w4_meta_applies(layer) and not _capturing(x2):
+        if meta is not None and not tiled and layer.tileable() and not _capturing(x2):
             # once: the decode kernel reads whole lines from the tiled order. Never while a CUDA graph is captured:
             # replays would permute the codes again
             tiled = layer.tile_codes()
-        meta, stable = _packed_w4_meta(layer) if decode else (None, False)
+            meta, stable = _packed_w4_meta(layer)  # the codes were just written: stamped again, not stable
         pdl = stable and w4a16_pdl_enabled()  # the extension only: when the weights are those of the last call
         if meta is not None and tiled:
             n = layer.out_features
