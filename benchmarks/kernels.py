@@ -101,8 +101,10 @@ W4A16_TILED_VARIANTS = ["16 warps x 1 block (dispatched)", "16 warps x 1 block, 
                         "16 warps x 2 blocks, PDL", "16 warps x 1 block, 3 blocks/SM", "16 warps x 1 block, 3 blocks/SM, PDL",
                         "16 warps x 1 block x 2 row tiles", "16 warps x 1 block x 2 row tiles, PDL"] + [
     f"bulk-copy pipeline, {cfg}{pdl}"
-    for cfg in ("8 warps x 4 stages x 4 blocks/SM", "8 warps x 8 stages x 2 blocks/SM", "4 warps x 8 stages x 4 blocks/SM",
-                "16 warps x 4 stages x 2 blocks/SM") for pdl in ("", ", PDL")]
+    for cfg in ("16 warps x 4 stages x 2 blocks/SM, per-warp barriers, x in smem",
+                "8 warps x 8 stages x 2 blocks/SM, per-warp barriers, x in smem",
+                "8 warps x 4 stages x 4 blocks/SM, per-warp barriers",
+                "16 warps x 4 stages x 2 blocks/SM, x in smem") for pdl in ("", ", PDL")]
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
 

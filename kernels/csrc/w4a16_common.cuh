@@ -255,9 +255,11 @@ bool launch_stream_decode(int nt_groups, bool bulk, bool pdl, cudaStream_t strea
 
 
 // Launch the tiled-codes decode kernel fed by a bulk-copy pipeline (w4a16_tiled_pipe.cu) in configuration `config`
-// (0: 8 consumer warps, 4 stages, 4 blocks/SM; 1: 8 warps, 8 stages, 2/SM; 2: 4 warps, 8 stages, 4/SM; 3: 16 warps,
-// 4 stages, 2/SM); false where it does not apply (a weight group longer than a chunk, codes or metadata not
-// 16-byte aligned): the caller then runs the register kernel.
+// (0: 16 consumer warps, 4 stages, 2 blocks/SM, per-warp barriers, x in shared memory; 1: 8 warps, 8 stages, 2/SM,
+// per-warp barriers, x in shared memory; 2: 8 warps, 4 stages, 4/SM, per-warp barriers; 3: 16 warps, 4 stages, 2/SM,
+// one barrier per chunk, x in shared memory; x in global memory where it exceeds 48 KB); false where it does not
+// apply (codes or metadata not 16-byte aligned; configuration 3: a weight group longer than a chunk): the caller then
+// runs the register kernel.
 bool launch_tiled_pipe(int nt_groups, int config, bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt,
                        const uint2* meta, const half* bias, half* out, int B, int N, int K, int group_size);
 

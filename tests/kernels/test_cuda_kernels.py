@@ -431,7 +431,8 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
 @pytest.mark.parametrize("variant", range(16))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
-                                       (512, 48, 512), (1024, 9000, 128), (4096, 64, 2048)])
+                                       (512, 48, 512), (1024, 9000, 128), (2816, 9000, 128),
+                                       (4096, 64, 2048)])
 def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: int) -> None:
     """The decode kernel over codes in the tiled order (reference.pack_w4_tiled), plain and PDL, one and two 128-k
     blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
