@@ -191,11 +191,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
 
 
-# The extension's tiled-codes decode variants (kernels/csrc/w4a16_packed.cu launch_tiled_variant): 16 warps per 16-row
-# tile at two blocks per SM (default), or three per SM (40 registers) for many tiles at <= 8 tokens.
-TILED_DEFAULT, TILED_THREE_PER_SM = 0, 4
-# tiles per SM from which three blocks per SM pay (H200 v11f, 4096x11008 = 5.2 tiles per SM: 11.4 -> 10.8 us, with PDL
-# 10.2 -> 9.9; at 1.9 tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us)
+# The extension's tiled-codes decode variants (kernels/csrc/w4a16_packed.cu launch_tiled_variant; odd = the same kernel
+# launched with PDL): 16 warps per 16-row tile at two blocks per SM (default); for many tiles at <= 8 tokens, three per
+# SM (40 registers) when launched plainly and two 128-k blocks per round (two per SM) with PDL.
+TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL = 0, 4, 3
+# tiles per SM from which those pay (H200 v11f, 4096x11008 = 5.2 tiles per SM: three per SM 11.4 -> 10.8 us; at 1.9
+# tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us). With PDL at 4096x11008 the two-per-round variant was the
+# fastest in two runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2); at 4096 outputs it was slower
+# than the default (v12a 4.6 vs 4.3 us, 9.3 vs 9.0).
 TILED_THREE_PER_SM_MIN_TILES_PER_SM = 4
 
 
@@ -206,12 +209,13 @@ def _sm_count(device_index: int) -> int:
 
 def tiled_decode_variant(out_features: int, tokens: int, sms: int, pdl: bool) -> int:
     """The tiled decode kernel's variant for ``out_features`` outputs and ``tokens`` rows on ``sms`` SMs (odd: launched
-    with programmatic dependent launch): three 16-warp blocks per SM where there are at least
-    ``TILED_THREE_PER_SM_MIN_TILES_PER_SM`` 16-row tiles per SM and one token group (<= 8 tokens; at 16 tokens that
-    variant spills and is 2x slower), else the default two."""
+    with programmatic dependent launch). Where there are at least ``TILED_THREE_PER_SM_MIN_TILES_PER_SM`` 16-row tiles
+    per SM and one token group (<= 8 tokens; at 16 tokens both variants below are slower, three per SM spills): three
+    16-warp blocks per SM for a plain launch, two 128-k blocks per round for a PDL one; else the default."""
     tiles = -(-out_features // 16)
-    many = tokens <= 8 and tiles >= TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms
-    return (TILED_THREE_PER_SM if many else TILED_DEFAULT) + (1 if pdl else 0)
+    if tokens <= 8 and tiles >= TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms:
+        return TILED_TWO_PER_ROUND_PDL if pdl else TILED_THREE_PER_SM
+    return TILED_DEFAULT + (1 if pdl else 0)
 
 
 def _capturing(x: torch.Tensor) -> bool:

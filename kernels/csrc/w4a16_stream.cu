@@ -19,7 +19,6 @@
 // dependent launch the next layer's weights stream in while the previous kernel finishes.
 #include <c10/cuda/CUDAException.h>
 
-#include "mbarrier.cuh"
 #include "w4a16_common.cuh"
 
 namespace qaas {
@@ -27,6 +26,38 @@ namespace w4 {
 namespace {
 
 constexpr int kXSharedMaxBytes = 48 * 1024;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_LOOP:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_LOOP;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// Global -> shared bulk copy (bytes and both addresses multiples of 16) completing on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
 
 // Ampere-style 16-byte asynchronous copy (LDGSTS), and an mbarrier arrival once this thread's earlier ones land.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -99,7 +130,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_stream_kernel(
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < 3; ++s) mbar_init(&bars[s], (BULK || s == 2) ? 1u : (uint32_t)(WARPS * 32));
-    mbar_init_fence();
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
   if (!BULK || threadIdx.x == 0) {

@@ -287,14 +287,17 @@ def test_dequant_w4_tiled_op_matches_rows() -> None:
 
 
 def test_tiled_decode_variant_choice() -> None:
-    """Three blocks per SM only with many 16-row tiles per SM and at most 8 tokens; the PDL twin is the odd variant."""
+    """Many 16-row tiles per SM at most 8 tokens: three blocks per SM launched plainly, two 128-k blocks per round with
+    PDL; else the default and its PDL twin (the odd variant)."""
     sms = 132
     assert dispatch.tiled_decode_variant(11008, 1, sms, False) == dispatch.TILED_THREE_PER_SM  # 688 tiles: 5.2 per SM
-    assert dispatch.tiled_decode_variant(11008, 1, sms, True) == dispatch.TILED_THREE_PER_SM + 1
+    assert dispatch.tiled_decode_variant(11008, 1, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
     assert dispatch.tiled_decode_variant(11008, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
     assert dispatch.tiled_decode_variant(4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
     edge = 16 * dispatch.TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms
     assert dispatch.tiled_decode_variant(edge, 8, sms, False) == dispatch.TILED_THREE_PER_SM
+    assert dispatch.tiled_decode_variant(edge, 8, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
+    assert dispatch.tiled_decode_variant(edge - 16, 8, sms, True) == dispatch.TILED_DEFAULT + 1
     assert dispatch.tiled_decode_variant(edge - 16, 8, sms, False) == dispatch.TILED_DEFAULT
 
 
