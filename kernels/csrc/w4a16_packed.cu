@@ -217,14 +217,13 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 
 // Tiled-weight variants (w4a16_gemm_packed_tiled): 0 / 1 = variant 0 / 1 (16 warps x 1 block, plain / PDL), 2 / 3 =
 // variant 4 / 5 (16 warps x 2 blocks), 4 / 5 three 16-warp blocks per SM (40 registers), 6 / 7 two 16-row tiles per
-// block (16 warps); 8 / 9 8-warp blocks with two 128-k blocks per round (4 per SM), 10 / 11 the same at 5 per SM, 12 /
-// 13 8-warp blocks with one per round at 6 per SM.
-constexpr int kNumTiledVariants = 14;
+// block (16 warps).
+constexpr int kNumTiledVariants = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
   const bool pdl = variant & 1;
-  const dim3 grid((unsigned)((N + 15) / 16)), block(16 * 32), block8(8 * 32);
+  const dim3 grid((unsigned)((N + 15) / 16)), block(16 * 32);
   const int G = K / group_size, kpg = group_size / 128;
   switch (variant >> 1) {
     case 0:
@@ -239,19 +238,7 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 3, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
                            bias, out, B, N, K, G, kpg);
       break;
-    case 4:
-      w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 8, 2, 4, false, true>, grid, block8, 0, stream, pdl, x, qt, meta,
-                           bias, out, B, N, K, G, kpg);
-      break;
-    case 5:
-      w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 8, 2, 5, false, true>, grid, block8, 0, stream, pdl, x, qt, meta,
-                           bias, out, B, N, K, G, kpg);
-      break;
-    case 6:
-      w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 8, 1, 6, false, true>, grid, block8, 0, stream, pdl, x, qt, meta,
-                           bias, out, B, N, K, G, kpg);
-      break;
-    default:  // 6 / 7
+    default:
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true, 2>, dim3((unsigned)((N + 31) / 32)), block, 0,
                            stream, pdl, x, qt, meta, bias, out, B, N, K, G, kpg);
   }
@@ -324,7 +311,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..13");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..7");
   const half* bp = check_decode_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());

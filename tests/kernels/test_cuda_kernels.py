@@ -428,13 +428,13 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(14))
+@pytest.mark.parametrize("variant", range(8))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
 def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: int) -> None:
     """The decode kernel over codes in the tiled order (reference.pack_w4_tiled), plain and PDL, one and two 128-k
-    blocks per round, three blocks per SM, 8-warp blocks, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
+    blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
     second tile clamped), N not a multiple of 16 (zero rows padding the last tile)."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
