@@ -197,8 +197,8 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL = 0, 4, 3
 # tiles per SM from which those pay (H200 v11f, 4096x11008 = 5.2 tiles per SM: three per SM 11.4 -> 10.8 us; at 1.9
 # tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us). With PDL at 4096x11008 the two-per-round variant was the
-# fastest in two runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2); at 4096 outputs it was slower
-# than the default (v12a 4.6 vs 4.3 us, 9.3 vs 9.0).
+# faster in four runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2, v12c 9.7 vs 9.9, v12d 9.8 vs
+# 10.0); at 4096 outputs it was slower than the default (v12a 4.6 vs 4.3 us, 9.3 vs 9.0).
 TILED_THREE_PER_SM_MIN_TILES_PER_SM = 4
 
 

@@ -18,7 +18,9 @@ from quant.quantizers.packing import pack_int4
 from quant.transforms.kronecker import kron_factors
 
 
-def profile_w4a16(k: int, n: int, variant: int, gen: torch.Generator, packed: bool = False, tiled: bool = False) -> None:
+def profile_w4a16(
+    k: int, n: int, variant: int, gen: torch.Generator, packed: bool = False, tiled: bool = False
+) -> None:
     """Five calls, each on its own copy of the weights (5 x 24 MB at 4096 x 11008 exceeds the H200's 60 MB L2: the
     profiled call reads its weights from DRAM, as in the benchmark, not from the previous call's L2 lines)."""
     ext = kernels._ext.extension()
