@@ -199,7 +199,7 @@ TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL = 0, 4, 3
 # tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us). With PDL at 4096x11008 the two-per-round variant was the
 # faster in four runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2, v12c 9.7 vs 9.9, v12d 9.8 vs
 # 10.0); at 4096 outputs it was slower than the default (v12a 4.6 vs 4.3 us, 9.3 vs 9.0).
-TILED_THREE_PER_SM_MIN_TILES_PER_SM = 4
+TILED_MANY_TILES_PER_SM = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,11 +209,11 @@ def _sm_count(device_index: int) -> int:
 
 def tiled_decode_variant(out_features: int, tokens: int, sms: int, pdl: bool) -> int:
     """The tiled decode kernel's variant for ``out_features`` outputs and ``tokens`` rows on ``sms`` SMs (odd: launched
-    with programmatic dependent launch). Where there are at least ``TILED_THREE_PER_SM_MIN_TILES_PER_SM`` 16-row tiles
+    with programmatic dependent launch). Where there are at least ``TILED_MANY_TILES_PER_SM`` 16-row tiles
     per SM and one token group (<= 8 tokens; at 16 tokens both variants below are slower, three per SM spills): three
     16-warp blocks per SM for a plain launch, two 128-k blocks per round for a PDL one; else the default."""
     tiles = -(-out_features // 16)
-    if tokens <= 8 and tiles >= TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms:
+    if tokens <= 8 and tiles >= TILED_MANY_TILES_PER_SM * sms:
         return TILED_TWO_PER_ROUND_PDL if pdl else TILED_THREE_PER_SM
     return TILED_DEFAULT + (1 if pdl else 0)
 

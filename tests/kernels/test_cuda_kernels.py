@@ -525,7 +525,7 @@ def test_w4a16_dispatch_many_tiles_uses_three_blocks_per_sm() -> None:
     next call (weights unchanged) the two-per-round one with PDL, and at 12 tokens the default one: all equal to the
     float32 reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n = 16 * dispatch.TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms
+    n = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms
     layer = make_layer(256, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
     assert dispatch.tiled_decode_variant(n, 1, sms, False) == dispatch.TILED_THREE_PER_SM
     assert dispatch.tiled_decode_variant(n, 1, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL

@@ -294,7 +294,7 @@ def test_tiled_decode_variant_choice() -> None:
     assert dispatch.tiled_decode_variant(11008, 1, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
     assert dispatch.tiled_decode_variant(11008, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
     assert dispatch.tiled_decode_variant(4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
-    edge = 16 * dispatch.TILED_THREE_PER_SM_MIN_TILES_PER_SM * sms
+    edge = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms
     assert dispatch.tiled_decode_variant(edge, 8, sms, False) == dispatch.TILED_THREE_PER_SM
     assert dispatch.tiled_decode_variant(edge, 8, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
     assert dispatch.tiled_decode_variant(edge - 16, 8, sms, True) == dispatch.TILED_DEFAULT + 1
