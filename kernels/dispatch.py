@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from kernels import ops, reference
 from kernels._ext import available, extension
+from quant.modules.linear import tensor_stamp
 
 if TYPE_CHECKING:
     from quant.modules.linear import QuantLinear
@@ -158,9 +159,9 @@ def _make_plan(layer: "QuantLinear") -> KernelPlan | None:
 
 # ---------------------------------------------------------------------------------------------- tensors
 def _stamp(*tensors: torch.Tensor) -> tuple:
-    """Identity and in-place version of ``tensors``: equal stamps mean unchanged tensors. Inference tensors (made
-    under ``torch.inference_mode``) track no version: their identity alone."""
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
+    """Identity, in-place version (``tensor_stamp``), dtype and device of ``tensors``: equal stamps mean unchanged
+    tensors."""
+    return tuple((*tensor_stamp(t), t.dtype, t.device) for t in tensors)
 
 
 def _cached(layer: "QuantLinear", name: str, key: tuple, make: Callable[[], Any]) -> Any:

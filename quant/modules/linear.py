@@ -23,8 +23,9 @@ from quant.recipes.schema import FP_BITS, ActivationQuantSpec
 from quant.transforms.base import InputTransform, build_transform
 
 
-def _codes_stamp(t: torch.Tensor) -> tuple[int, int]:
-    """(data_ptr, in-place version) of a codes tensor; inference tensors track no version (-1: identity alone)."""
+def tensor_stamp(t: torch.Tensor) -> tuple[int, int]:
+    """(data_ptr, in-place version) of a tensor: equal stamps mean the same, unmodified tensor. Inference tensors (made
+    under ``torch.inference_mode``) track no version (-1: their identity alone)."""
     return t.data_ptr(), -1 if t.is_inference() else t._version
 
 
@@ -70,7 +71,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("act_clip", torch.tensor(float(act_clip_ratio)))
         self._dequant_cache: torch.Tensor | None = None
-        # _codes_stamp(qweight) when it was put into the decode kernels' tiled order (tile_codes); None while it holds
+        # tensor_stamp(qweight) when it was put into the decode kernels' tiled order (tile_codes); None while it holds
         # rows. A write into that tensor since (its version moved) means the rows were written back.
         self._tiled_at: tuple[int, int] | None = None
 
@@ -136,8 +137,8 @@ class QuantLinear(nn.Module):
             return False
         q = self.qweight
         if q.data_ptr() != self._tiled_at[0]:  # moved or copied with its bytes: the same order, a new tensor
-            self._tiled_at = _codes_stamp(q)
-        elif _codes_stamp(q)[1] != self._tiled_at[1]:  # written in place since: rows again
+            self._tiled_at = tensor_stamp(q)
+        elif tensor_stamp(q)[1] != self._tiled_at[1]:  # written in place since: rows again
             self._tiled_at = None
         return self._tiled_at is not None
 
@@ -152,7 +153,7 @@ class QuantLinear(nn.Module):
         if not self.tileable() or (self.qweight.is_inference() and not torch.is_inference_mode_enabled()):
             return False  # (an inference tensor can only be written inside inference mode)
         self.qweight.copy_(tile_int4_rows(self.qweight))
-        self._tiled_at = _codes_stamp(self.qweight)
+        self._tiled_at = tensor_stamp(self.qweight)
         return True
 
     def packed_codes(self) -> torch.Tensor:
@@ -198,7 +199,7 @@ class QuantLinear(nn.Module):
         tiled = self.codes_tiled
         out = super()._apply(fn, recurse)
         if tiled:  # the bytes moved as they were: still tiled, in the new tensor
-            self._tiled_at = _codes_stamp(self.qweight)
+            self._tiled_at = tensor_stamp(self.qweight)
         return out
 
     # ------------------------------------------------------------------ forward
