@@ -68,8 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "w4a16_gemm_packed with an explicit variant (benchmarks; -1 = default)");
   m.def("w4a16_packed_num_variants", &qaas::w4a16_packed_num_variants, "number of packed-metadata decode variants");
   m.def("w4a16_gemm_packed_tiled", &qaas::w4a16_gemm_packed_tiled_cuda,
-        "w4a16_gemm_packed over codes in the tiled order of reference.pack_w4_tiled (n output features; variant 0-5: "
-        "16 warps x 1 block, x 2 blocks, 3 blocks/SM; even plain, odd PDL)");
+        "w4a16_gemm_packed over codes in the tiled order of reference.pack_w4_tiled (n output features; variant 0-7: "
+        "16 warps x 1 block, x 2 blocks, 3 blocks/SM, 2 tiles per block; even plain, odd PDL)");
   m.def("memory_probe", &qaas::memory_probe_cuda,
         "benchmark probe: empty kernel (0) or a read of the whole buffer with every load in flight (1 one pass, 2 persistent)");
   m.def("dequant_w4", &qaas::dequant_w4_cuda,

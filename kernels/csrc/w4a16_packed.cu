@@ -75,24 +75,33 @@ __device__ __forceinline__ float meta_scale(uint32_t word) { return __uint_as_fl
 
 // G: weight groups per row (K / group_size), kpg: 128-k blocks per group, both from the host (no integer division in
 // the prologue).
-template <int NT, int WARPS, int UNROLL, int MINB, bool XS, bool TILED = false>
+// TILES (tiled codes only): 16-row tiles per block, each warp's activation fragments feeding all of them; tile indices
+// past the last are clamped (their rows are never stored).
+template <int NT, int WARPS, int UNROLL, int MINB, bool XS, bool TILED = false, int TILES = 1>
 __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qw, const uint2* __restrict__ meta,
     const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K, int G, int kpg) {
+  static_assert(TILES == 1 || (TILED && !XS), "several tiles per block read tiled codes");
   constexpr int C = NT * 8;  // tokens per block
-  __shared__ float red[WARPS][16][C];
+  __shared__ float red[WARPS][16 * TILES][C];
   extern __shared__ uint4 xs[];  // XS: [B][KB][q 4][t 4] activation fragments
   w4::griddep_launch_dependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16;
+  const int n0 = blockIdx.x * 16 * TILES;
   const int rA = min(n0 + g, N - 1), rB = min(n0 + g + 8, N - 1);
-  const int KB = K / 128;
+  const int KB = K / 128, last_tile = (N - 1) / 16;
   // TILED (reference.pack_w4_tiled): a tile's codes are 1 KB per 128-k block, lane-ordered: row g at unit lane, row
   // g + 8 at unit 32 + lane (wA + 32), so each 16-byte load of the warp covers four whole 128-byte lines
-  const uint4* wA = TILED ? reinterpret_cast<const uint4*>(qw) + (size_t)blockIdx.x * KB * 64 + lane
-                          : reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
-  const uint2* mrow = meta + (size_t)blockIdx.x * G * 8 + g;  // [tile][group][g] -> (row g, row g + 8)
+  const uint4* wA[TILES];
+  const uint2* mrow[TILES];  // [tile][group][g] -> (row g, row g + 8)
+#pragma unroll
+  for (int tt = 0; tt < TILES; ++tt) {
+    const int tile = TILES == 1 ? (int)blockIdx.x : min((int)blockIdx.x * TILES + tt, last_tile);
+    wA[tt] = TILED ? reinterpret_cast<const uint4*>(qw) + (size_t)tile * KB * 64 + lane
+                   : reinterpret_cast<const uint4*>(qw + (size_t)rA * (K / 2)) + t;
+    mrow[tt] = meta + (size_t)tile * G * 8 + g;
+  }
   const uint4* wB = TILED ? nullptr : reinterpret_cast<const uint4*>(qw + (size_t)rB * (K / 2)) + t;
   constexpr int kBlockUnits = TILED ? 64 : 4;  // uint4 units per 128-k block
   // NT == 1: the activation row this lane's B fragment reads, from k = 32 t: token g, or the last token for lanes past
@@ -100,23 +109,28 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
   // loads at constant offsets per 128-k block (per-load 64-bit address math and predicates were ~40 SASS instructions
   // per block, recomputed under the 64-register cap). NT == 2 keeps the predicated loads (see zero_codes).
   const uint4* xl = reinterpret_cast<const uint4*>(x + (size_t)min(g, B - 1) * K) + 4 * t;
-  float acc[NT][4];
+  float acc[TILES][NT][4];
 #pragma unroll
-  for (int i = 0; i < NT; ++i)
+  for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[tt][i][e] = 0.f;
 
-  uint4 va[UNROLL], vb[UNROLL];
-  uint2 mw[UNROLL];
+  uint4 va[UNROLL][TILES], vb[UNROLL][TILES];
+  uint2 mw[UNROLL][TILES];
   auto load_round = [&](int base) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int kb = base + u;
       if (kb < KB) {
         const int grp = kpg == 1 ? kb : kb / kpg;  // groups of 128 skip the division
-        va[u] = __ldg(wA + kb * kBlockUnits);
-        vb[u] = __ldg((TILED ? wA + 32 : wB) + kb * kBlockUnits);
-        mw[u] = __ldg(mrow + (size_t)grp * 8);
+#pragma unroll
+        for (int tt = 0; tt < TILES; ++tt) {
+          va[u][tt] = __ldg(wA[tt] + kb * kBlockUnits);
+          vb[u][tt] = __ldg((TILED ? wA[tt] + 32 : wB) + kb * kBlockUnits);
+          mw[u][tt] = __ldg(mrow[tt] + (size_t)grp * 8);
+        }
       }
     }
   };
@@ -134,12 +148,15 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
       } else {
         w4::x_frags_global<NT>(x, B, K, kb, g, t, bf);
       }
-      float part[NT][4];
-      uint32_t za, zb, fa, fb;
-      zero_codes<NT>(mw[u].x, za, fa);
-      zero_codes<NT>(mw[u].y, zb, fb);
-      w4::kblock_mma_w4<NT, XS>(va[u], vb[u], za, zb, fa, fb, bf, part);
-      w4::accumulate_scaled<NT>(acc, part, meta_scale(mw[u].x), meta_scale(mw[u].y));
+#pragma unroll
+      for (int tt = 0; tt < TILES; ++tt) {
+        float part[NT][4];
+        uint32_t za, zb, fa, fb;
+        zero_codes<NT>(mw[u][tt].x, za, fa);
+        zero_codes<NT>(mw[u][tt].y, zb, fb);
+        w4::kblock_mma_w4<NT, XS>(va[u][tt], vb[u][tt], za, zb, fa, fb, bf, part);
+        w4::accumulate_scaled<NT>(acc[tt], part, meta_scale(mw[u][tt].x), meta_scale(mw[u][tt].y));
+      }
     }
   };
   constexpr int kStride = WARPS * UNROLL;
@@ -157,9 +174,11 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
     if (kb0 != first) load_round(kb0);
     compute_round(kb0);
   }
-  w4::store_partials<NT, C>(red[warp], acc, g, t);
+#pragma unroll
+  for (int tt = 0; tt < TILES; ++tt)
+    w4::store_partials<NT, C>(*reinterpret_cast<float(*)[16][C]>(&red[warp][16 * tt][0]), acc[tt], g, t);
   __syncthreads();
-  for (int i = threadIdx.x; i < 16 * C; i += blockDim.x) {
+  for (int i = threadIdx.x; i < 16 * TILES * C; i += blockDim.x) {
     const int r = i / C, b = i % C;
     const int n = n0 + r;
     if (b < B && n < N) {
@@ -197,9 +216,9 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 }
 
 // Tiled-weight variants (w4a16_gemm_packed_tiled): 0 / 1 = variant 0 / 1 (16 warps x 1 block, plain / PDL), 2 / 3 =
-// variant 4 / 5 (16 warps x 2 blocks), 4 / 5 three 16-warp blocks per SM (40 registers). (Two 16-row tiles per block,
-// H200 v11f, were slower on every shape and were removed.)
-constexpr int kNumTiledVariants = 6;
+// variant 4 / 5 (16 warps x 2 blocks), 4 / 5 three 16-warp blocks per SM (40 registers), 6 / 7 two 16-row tiles per
+// block (16 warps).
+constexpr int kNumTiledVariants = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -215,9 +234,13 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 2, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
                            bias, out, B, N, K, G, kpg);
       break;
-    default:
+    case 2:
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 3, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
                            bias, out, B, N, K, G, kpg);
+      break;
+    default:
+      w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true, 2>, dim3((unsigned)((N + 31) / 32)), block, 0,
+                           stream, pdl, x, qt, meta, bias, out, B, N, K, G, kpg);
   }
 }
 
@@ -288,7 +311,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..5");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..7");
   const half* bp = check_decode_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());

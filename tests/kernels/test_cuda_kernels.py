@@ -396,7 +396,7 @@ def test_quantlinear_cuda_dispatch(w_bits, a_bits, group, sym, transform, tokens
     assert rel_err(out, ref) < (3e-3 if a_bits == 16 else 2e-2)
 
 
-@pytest.mark.parametrize("variant", range(6))
+@pytest.mark.parametrize("variant", range(8))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n", [(4096, 1000), (11008, 256), (1024, 4096), (4096, 11008), (8192, 48)])
 def test_w4a16_tensor_core_variants(variant: int, tokens: int, k: int, n: int) -> None:
@@ -428,13 +428,14 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(6))
+@pytest.mark.parametrize("variant", range(8))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
 def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: int) -> None:
     """The decode kernel over codes in the tiled order (reference.pack_w4_tiled), plain and PDL, one and two 128-k
-    blocks per round, three blocks per SM, N not a multiple of 16 (zero rows padding the last tile)."""
+    blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
+    second tile clamped), N not a multiple of 16 (zero rows padding the last tile)."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
