@@ -184,6 +184,29 @@ def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, 
         del bufs
 
 
+# kernels/csrc/w4a16_batched.cu kBatchedVariants: tokens x rows per block, warps, register cap
+W4A16_BATCHED_VARIANTS = ["32 tokens x 64 rows, 2x2 warps of 2 tiles", "32 tokens x 128 rows, 4 warps of 2 tiles",
+                          "64 tokens x 64 rows, 4 warps of 1 tile", "64 tokens x 64 rows, 4 warps of 1 tile, 2 blocks/SM"]
+
+
+def add_w4a16_batched_rows(ext, w4: list, tiled: list, xs4: list, group: int, n: int, k: int, m: int, t_fp16: float,
+                           add: Callable[..., None]) -> None:
+    """Rows of the batched W4A16 GEMM (``w4a16_gemm_batched``, tiled codes + packed metadata): the default for ``m``
+    tokens (what ``kernels.dispatch`` runs up to ``W4A16_BATCHED_MAX_TOKENS``), every variant, and the default with
+    fixed cluster splits of K (the host picks them by occupancy)."""
+    flops = 2.0 * m * n * k
+    metas = [reference.pack_w4_meta(q[1], q[2]) for q in w4]
+    nbytes = n * k / 2 + 4 * metas[0].numel() + m * k * 2 + m * n * 2
+    dispatched = " (dispatched)" if m <= dispatch.W4A16_BATCHED_MAX_TOKENS else ""
+    cases = [(-1, -1, "default" + dispatched)]
+    cases += [(v, -1, f"variant {v}: {label}") for v, label in enumerate(W4A16_BATCHED_VARIANTS)]
+    cases += [(-1, s, f"default, {s} cluster splits") for s in (1, 2, 4, 8)]
+    for v, splits, label in cases:
+        t = bench([lambda qt=qt, mt=mt, x=x, v=v, s=splits: ext.w4a16_gemm_batched(x, qt, mt, group, None, n, v, s)
+                   for qt, mt, x in zip(tiled, metas, xs4)])
+        add(f"W4A16 batched GEMM (qaas, {label})", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+
+
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:
     """Rows for one (K, N, M). ``gen`` is a CUDA generator: inputs are drawn on the GPU (fresh random
     data, never zeros)."""
@@ -237,7 +260,10 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
                 tiled = [reference.pack_w4_tiled(q[0]) for q in w4]
                 t = bench([lambda qt=qt, q=q, x=x: F.linear(x, ext.dequant_w4(qt, q[1], q[2], group, True))
                            for qt, q, x in zip(tiled, w4, xs4)])
-                add("W4A16 dequant+cuBLAS (qaas, tiled codes)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+                add("W4A16 dequant+cuBLAS (qaas, tiled codes)"
+                    + (" (dispatched)" if m > dispatch.W4A16_BATCHED_MAX_TOKENS else ""), t, w4_bytes, flops,
+                    PEAK_FP16_TFLOPS, t_fp16)
+                add_w4a16_batched_rows(ext, w4, tiled, xs4, group, n, k, m, t_fp16, add)
                 del tiled
         del w4
         torch.cuda.empty_cache()

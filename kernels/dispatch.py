@@ -6,11 +6,12 @@ Paths (fp16 activations):
   scale/zero word per row and group, built once per layer by ``reference.pack_w4_meta``) where ``K`` and the
   group are multiples of 128 and the zero points integers in 0..15 (launched with programmatic dependent launch
   once the layer's weights are unchanged since its previous call, so that consecutive W4A16 layers overlap;
-  ``QAAS_W4A16_PDL=0`` turns that off), else ``qaas::w4a16_gemm``; more tokens ->
-  ``qaas::dequant_w4`` + cuBLAS fp16. Where N is also a multiple of 16, the first decode call puts the layer's codes
-  into the kernel's tiled order in place (``QuantLinear.tile_codes``: whole 128-byte lines per load, H200 run
-  v11b) and ``qaas::w4a16_gemm_packed_tiled`` runs; prefill then dequantises the tiled codes
-  (``qaas::dequant_w4_tiled``).
+  ``QAAS_W4A16_PDL=0`` turns that off), else ``qaas::w4a16_gemm``. Where N is also a multiple of 16, the first call
+  of at most ``W4A16_BATCHED_MAX_TOKENS`` tokens puts the layer's codes into the kernels' tiled order in place
+  (``QuantLinear.tile_codes``: whole 128-byte lines per load, H200 run v11b); then ``qaas::w4a16_gemm_packed_tiled``
+  runs at <= 16 tokens and the extension's ``w4a16_gemm_batched`` (tensor-core GEMM, K split across a thread-block
+  cluster) up to ``W4A16_BATCHED_MAX_TOKENS``. More tokens: ``qaas::dequant_w4`` (of the tiled codes:
+  ``qaas::dequant_w4_tiled``) + cuBLAS fp16.
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization; the
   transform's factors staged once per layer by ``act_quant_fragments``) ->
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 
 FP_BITS = 16
 GEMV_MAX_TOKENS = 16
+# W4A16 from GEMV_MAX_TOKENS + 1 up to this many tokens: the batched GEMM over tiled codes (kernels/csrc/w4a16_batched.cu);
+# more: dequantisation + cuBLAS fp16 (compute-bound there, where cuBLAS's wgmma beats mma.sync).
+W4A16_BATCHED_MAX_TOKENS = 256
 SM90_GEMM_MIN_TOKENS = {8: 1, 4: 64}  # by weight bits: tokens from which W8A8 / W4A8 take the Hopper wgmma
 # GEMM (when built with it). W4A8 unpacks its int4 codes per call (26 us for 4096x11008 on the H100), which
 # only pays off once the GEMM dominates (run h100-v5b: at 1-16 tokens the mma.sync kernel is faster).
@@ -307,25 +311,32 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     x2 = x2.contiguous()
     bias = _bias(layer)
     if plan.path == "w4a16":
-        decode = x2.shape[0] <= GEMV_MAX_TOKENS
-        meta, stable = _packed_w4_meta(layer) if decode else (None, False)
+        tokens = x2.shape[0]
+        decode = tokens <= GEMV_MAX_TOKENS
+        packed = tokens <= W4A16_BATCHED_MAX_TOKENS  # the packed-metadata kernels: decode, then the batched GEMM
+        meta, stable = _packed_w4_meta(layer) if packed else (None, False)
         tiled = layer.codes_tiled
         if meta is not None and not tiled and layer.tileable() and not _capturing(x2):
-            # once: the decode kernel reads whole lines from the tiled order. Never while a CUDA graph is captured:
-            # replays would permute the codes again
+            # once: the decode and batched kernels read whole lines from the tiled order. Never while a CUDA graph is
+            # captured: replays would permute the codes again
             tiled = layer.tile_codes()
             meta, stable = _packed_w4_meta(layer)  # the codes were just written: stamped again, not stable
         pdl = stable and w4a16_pdl_enabled()  # the extension only: when the weights are those of the last call
-        if meta is not None and tiled:
-            n = layer.out_features
+        n = layer.out_features
+        if meta is not None and tiled and not decode:
+            if k is ops:
+                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
+            else:
+                out = k.w4a16_gemm_batched(x2, layer.qweight, meta, layer.group_size, bias, n)
+        elif meta is not None and tiled:
             if k is ops:
                 out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
             else:
                 v = tiled_decode_variant(n, x2.shape[0], _sm_count(x2.device.index or 0), pdl)
                 out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, v)
-        elif meta is not None and k is ops:
+        elif meta is not None and decode and k is ops:
             out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias)
-        elif meta is not None:
+        elif meta is not None and decode:
             out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias, pdl)
         else:
             scale = _derived(layer, "w_scale", layer.w_scale, _f32)

@@ -69,7 +69,8 @@ def w4a16_gemm_packed_tiled(
     x: Tensor, qtiled: Tensor, meta: Tensor, group_size: int, bias: Optional[Tensor], n: int
 ) -> Tensor:
     """:func:`w4a16_gemm_packed` over codes in the tiled order of ``reference.pack_w4_tiled`` (``[ceil(n/16) * 16,
-    K/2]``; ``n`` output features): each 16-byte load of the CUDA kernel covers whole 128-byte lines."""
+    K/2]``; ``n`` output features): each 16-byte load of the CUDA kernel covers whole 128-byte lines. Any number of
+    rows: the CUDA decode kernel at <= 16, the batched GEMM (``w4a16_batched.cu``) above."""
     return reference.w4a16_gemm_packed_tiled_ref(x, qtiled, meta, group_size, bias, n)
 
 
@@ -235,7 +236,9 @@ def _register_cuda_kernels() -> bool:
         return ext.w4a16_gemm_packed(x, qweight, meta, group_size, bias, False)
 
     def _w4a16_packed_tiled_cuda(x, qtiled, meta, group_size, bias, n):
-        return ext.w4a16_gemm_packed_tiled(x, qtiled, meta, group_size, bias, n, 0)
+        if x.shape[0] <= 16:
+            return ext.w4a16_gemm_packed_tiled(x, qtiled, meta, group_size, bias, n, 0)
+        return ext.w4a16_gemm_batched(x, qtiled, meta, group_size, bias, n)
 
     def _dequant_w4_cuda(qweight, scale, zero, group_size):
         return ext.dequant_w4(qweight, scale, zero, group_size, False)

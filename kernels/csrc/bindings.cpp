@@ -24,6 +24,10 @@ int64_t w4a16_packed_num_variants();
 at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
                                         int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
                                         int64_t variant);
+at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
+                                   int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
+                                   int64_t variant, int64_t splits);
+int64_t w4a16_batched_num_variants();
 at::Tensor memory_probe_cuda(const at::Tensor& src, int64_t mode);
 at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size,
                            bool tiled);
@@ -70,6 +74,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm_packed_tiled", &qaas::w4a16_gemm_packed_tiled_cuda,
         "w4a16_gemm_packed over codes in the tiled order of reference.pack_w4_tiled (n output features; variant 0-7: "
         "16 warps x 1 block, x 2 blocks, 3 blocks/SM, 2 tiles per block; even plain, odd PDL)");
+  m.def("w4a16_gemm_batched", &qaas::w4a16_gemm_batched_cuda,
+        "int4 weight x fp16 activation GEMM for batched decode / short prefills (any M) over tiled codes and packed "
+        "metadata (n output features; variant -1 by M, 0-3: see w4a16_batched.cu; splits: cluster blocks splitting K, "
+        "-1 by occupancy)",
+        pybind11::arg("x"), pybind11::arg("qt"), pybind11::arg("meta"), pybind11::arg("group_size"),
+        pybind11::arg("bias"), pybind11::arg("n"), pybind11::arg("variant") = -1, pybind11::arg("splits") = -1);
+  m.def("w4a16_batched_num_variants", &qaas::w4a16_batched_num_variants, "number of batched W4A16 GEMM variants");
   m.def("memory_probe", &qaas::memory_probe_cuda,
         "benchmark probe: empty kernel (0) or a read of the whole buffer with every load in flight (1 one pass, 2 persistent)");
   m.def("dequant_w4", &qaas::dequant_w4_cuda,

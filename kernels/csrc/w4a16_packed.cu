@@ -24,6 +24,7 @@
 #include <torch/extension.h>
 
 #include "common.cuh"
+#include "w4a16_args.h"
 #include "w4a16_common.cuh"
 
 namespace qaas {
@@ -244,15 +245,15 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
   }
 }
 
-// The argument checks both entry points share (`name` prefixes the messages): x a contiguous fp16 CUDA [M <= 16, K], K
-// and the group multiples of 128, meta ceil(N/16) * G * 16 int32 words, x and the codes 16-byte aligned, meta 8-byte,
-// bias fp16 [N]; returns the bias pointer (nullptr without one).
-const half* check_decode_args(const char* name, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta,
-                              int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t N) {
+}  // namespace
+
+namespace w4 {
+const half* check_packed_args(const char* name, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta,
+                              int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t N, int64_t max_rows) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kHalf, name,
               ": x must be a contiguous fp16 CUDA tensor [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M <= 16, name, " handles at most 16 rows; use dequant + matmul for more");
+  TORCH_CHECK(M <= max_rows, name, " handles at most ", max_rows, " rows");
   TORCH_CHECK(K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0, name,
               ": K and group_size must be multiples of 128, group_size dividing K");
   TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kInt && meta.is_contiguous() &&
@@ -268,7 +269,7 @@ const half* check_decode_args(const char* name, const at::Tensor& x, const at::T
   return reinterpret_cast<const half*>(bias->data_ptr<at::Half>());
 }
 
-}  // namespace
+}  // namespace w4
 
 at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& meta,
                                           int64_t group_size, const c10::optional<at::Tensor>& bias,
@@ -277,7 +278,7 @@ at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
   TORCH_CHECK(qw.is_cuda() && qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.size(1) * 2 == K,
               "w4a16_packed: qweight must be a contiguous uint8 CUDA tensor [N, K/2]");
-  const half* bp = check_decode_args("w4a16_packed", x, qw, meta, group_size, bias, N);
+  const half* bp = w4::check_packed_args("w4a16_packed", x, qw, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -312,7 +313,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
   TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..7");
-  const half* bp = check_decode_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N);
+  const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;

@@ -448,6 +448,71 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
         ext.w4a16_gemm_packed_tiled(x.to(DEV), qw.to(DEV) if n % 16 else qw[:-1].to(DEV), meta, group, None, n, 0)
 
 
+@pytest.mark.parametrize("variant", [-1, 0, 1, 2, 3])
+@pytest.mark.parametrize("tokens", [17, 32, 40, 64, 100, 257])
+@pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
+                                       (512, 48, 512)])
+def test_w4a16_batched(variant: int, tokens: int, k: int, n: int, group: int) -> None:
+    """The batched GEMM over tiled codes (w4a16_batched.cu), every variant: token counts past one token tile and not a
+    multiple of it (the last tile's missing tokens read the last token and are never stored), row blocks past N (tiles
+    clamped, N not a multiple of 16), K = 11008 (86 128-k blocks split unevenly across the cluster), groups of several
+    128-k blocks; the output poisoned beforehand."""
+    ext = kernels._ext.extension()
+    assert int(ext.w4a16_batched_num_variants()) == 4
+    gen = torch.Generator().manual_seed(variant * 13 + tokens + k + n + group)
+    qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
+    meta = reference.pack_w4_meta(scale, zero).to(DEV)
+    tiled = reference.pack_w4_tiled(qw).to(DEV)
+    _poison(tokens * n * 2)
+    out = ext.w4a16_gemm_batched(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant)
+    assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("variant", [0, 2])
+def test_w4a16_batched_cluster_splits(splits: int, variant: int) -> None:
+    """Every cluster size the host may pick (1..8 blocks splitting K, also odd ones and more splits than a warp's share
+    of 128-k blocks) gives the reference result, without bias too; bad arguments are refused."""
+    ext = kernels._ext.extension()
+    gen = torch.Generator().manual_seed(splits * 7 + variant)
+    k, n, group, tokens = 1152, 4096, 128, 48
+    qw, scale, zero, _, x, _ = _w4a16_case(gen, tokens, k, n, group)
+    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, None)
+    meta = reference.pack_w4_meta(scale, zero).to(DEV)
+    tiled = reference.pack_w4_tiled(qw).to(DEV)
+    _poison(tokens * n * 2)
+    out = ext.w4a16_gemm_batched(x.to(DEV), tiled, meta, group, None, n, variant, splits)
+    assert rel_err(out, ref) < 2e-3
+    with pytest.raises(RuntimeError, match="splits"):
+        ext.w4a16_gemm_batched(x.to(DEV), tiled, meta, group, None, n, variant, 9)
+    with pytest.raises(RuntimeError, match="pack_w4_tiled"):
+        ext.w4a16_gemm_batched(x.to(DEV), tiled[:-16], meta, group, None, n, variant, splits)
+    with pytest.raises(RuntimeError, match="variant"):
+        ext.w4a16_gemm_batched(x.to(DEV), tiled, meta, group, None, n, 4, splits)
+
+
+def test_w4a16_dispatch_batched_tokens_in_graph() -> None:
+    """QuantLinear at 17..W4A16_BATCHED_MAX_TOKENS tokens: the first call tiles the codes and runs the batched GEMM
+    (equal to the torch.ops path and to the float32 reference), also replayed from a CUDA graph (cluster launches
+    captured); past the limit the dequantise + cuBLAS path reads the same tiled codes."""
+    k, n = 2048, 1024
+    layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
+    for tokens in (24, dispatch.W4A16_BATCHED_MAX_TOKENS, dispatch.W4A16_BATCHED_MAX_TOKENS + 1):
+        x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
+        out = layer(x)
+        assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
+    x = torch.randn(40, k, device=DEV, dtype=torch.float16)
+    eager = layer(x)
+    meta, _ = dispatch._packed_w4_meta(layer)
+    assert torch.equal(eager, torch.ops.qaas.w4a16_gemm_packed_tiled(x, layer.qweight, meta, 128, dispatch._bias(layer), n))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
 def test_w4a16_packed_pdl_chain_in_graph() -> None:
     """PDL variants chained in a CUDA graph where each call consumes the previous call's output (the dependency
     griddepcontrol.wait must honour): equal to the same chain run with the non-PDL variant, and to the reference."""

@@ -196,8 +196,8 @@ def test_dispatch_uses_packed_meta_for_w4a16() -> None:
 
 
 def test_dispatch_tiles_w4a16_codes_at_decode() -> None:
-    """The first decode call puts a tileable layer's codes into the tiled order (the tiled op then runs); later decode
-    and prefill calls (rows read back through packed_codes) and the state dict stay equal to the reference."""
+    """The first decode or batched call (<= W4A16_BATCHED_MAX_TOKENS tokens) puts a tileable layer's codes into the
+    tiled order (the tiled op then runs); later decode and prefill calls (rows read back through packed_codes) and the state dict stay equal to the reference."""
     layer = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
     rows = layer.qweight.clone()
     for tokens in (2, 1, dispatch.GEMV_MAX_TOKENS + 8, 3):
@@ -206,8 +206,12 @@ def test_dispatch_tiles_w4a16_codes_at_decode() -> None:
         assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
     assert torch.equal(layer.state_dict()["qweight"], rows)
     prefill_first = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
-    dispatch.quant_linear_forward(prefill_first, torch.randn(dispatch.GEMV_MAX_TOKENS + 1, 256).half())
-    assert not prefill_first.codes_tiled  # prefill alone leaves the rows
+    dispatch.quant_linear_forward(prefill_first, torch.randn(dispatch.W4A16_BATCHED_MAX_TOKENS + 1, 256).half())
+    assert not prefill_first.codes_tiled  # a long prefill alone leaves the rows (dequantisation + cuBLAS)
+    batched_first = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    x = torch.randn(dispatch.GEMV_MAX_TOKENS + 1, 256).half()
+    out = dispatch.quant_linear_forward(batched_first, x)  # the batched GEMM reads the tiled order too
+    assert batched_first.codes_tiled and rel_err(out, batched_first.reference_forward(x.float())) < 3e-3
     small_group = make_layer(256, 48, w_bits=4, a_bits=16, group_size=32, w_symmetric=False)
     dispatch.quant_linear_forward(small_group, torch.randn(1, 256).half())
     assert not small_group.codes_tiled  # groups of 32: the float32-metadata kernel reads rows

@@ -1,0 +1,266 @@
+// W4A16 GEMM for batched decode and short prefills (17..~256 tokens): int4 codes in the decode kernels' tiled order
+// (reference.pack_w4_tiled) with packed per-group metadata words (reference.pack_w4_meta), fp16 activations, fp16 out.
+//
+// Why a third W4A16 kernel: the decode kernels (w4a16_packed.cu) give each 16-row tile its own block and read the
+// activations of at most 16 tokens per lane straight from global memory; past 16 tokens the dispatcher used to
+// dequantise the whole matrix to fp16 and call cuBLAS, which writes and reads 2 bytes per weight and so runs at about
+// half the speed of fp16 itself while the GEMM is memory-bound (tens to a few hundred tokens).
+//
+// Work split: a block owns RB = WR * TW * 16 output rows (WR row warps of TW tiles each) and MT = 8 * NTG tokens
+// (grid.z walks token tiles), and one slice of K: the CS blocks of a thread-block cluster (grid.y, cluster dims
+// (1, CS, 1)) split the 128-k blocks between them, and within a block WK warps split the slice again. Each warp keeps
+// TW tiles x MT tokens of fp32 accumulators; the activation fragments it reads (16 bytes per lane, token group and
+// 32-k slice, through the read-only cache) feed all TW tiles, and the WR row warps of a block read the same bytes
+// (L1 hits). The partial sums meet in shared memory (WK warps) and then across the cluster through distributed
+// shared memory: block rank r of the cluster sums its share of the RB x MT outputs over every block's partials, adds
+// the bias and stores fp16. No global workspace, atomics or second launch.
+//
+// Math per 128-k block and tile as in the decode kernels (w4a16_common.cuh): codes expanded by dq_word4 to exact
+// (u - z) in fp16, m16n8k16 products in fp32, the group scale applied in fp32 per 128-k block.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "w4a16_args.h"
+#include "w4a16_common.cuh"
+
+namespace qaas {
+namespace {
+
+namespace cg = cooperative_groups;
+
+struct BatchedVariant {
+  int ntg, tw, wr, wk, min_blocks;  // token groups of 8, tiles per warp, row warps, k warps, __launch_bounds__ blocks/SM
+};
+// 0: 32 tokens x 64 rows, 2 x 2 warps; 1: 32 x 128, 4 row warps; 2: 64 tokens x 64 rows, one tile per warp;
+// 3: as 2 at two blocks per SM (no register cap below 255).
+constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3}, {4, 2, 4, 1, 3}, {8, 1, 4, 1, 3}, {8, 1, 4, 1, 2}};
+constexpr int kNumBatchedVariants = sizeof(kBatchedVariants) / sizeof(kBatchedVariants[0]);
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
+
+__device__ __forceinline__ void zero_operands(uint32_t word, uint32_t& zsub, uint32_t& zfma) {
+  const uint32_t z = word & 0xFu;  // (1024 + z) and -(64 + z) twice, as w4a16_packed.cu's one-IMAD form
+  zsub = z * 0x00010001u + 0x64006400u;
+  zfma = z * 0x00100010u + 0xD400D400u;
+}
+
+__device__ __forceinline__ float meta_scale_of(uint32_t word) { return __uint_as_float(word & ~0xFu); }
+
+// Row stride of the partial-sum buffer in floats: MT + 8 keeps the float2 stores of store_partials conflict-free.
+template <int MT>
+constexpr int red_stride() {
+  return MT + 8;
+}
+
+template <int NTG, int TW, int WR, int WK, int MINB>
+__global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
+    const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
+    const half* __restrict__ bias, half* __restrict__ out, int M, int N, int K, int G, int kpg) {
+  constexpr int MT = NTG * 8, RB = WR * TW * 16, S = red_stride<MT>();
+  __shared__ __align__(16) float red[WK][RB][S];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int CS = (int)cluster.num_blocks(), rank = (int)cluster.block_rank();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wr = warp % WR, wk = warp / WR;
+  const int g = lane >> 2, t = lane & 3;
+  const int KB = K / 128, last_tile = (N - 1) / 16;
+  const int m0 = blockIdx.z * MT;
+  const int row0 = blockIdx.x * RB;
+
+  const uint4* wbase[TW];
+  const uint2* mbase[TW];
+#pragma unroll
+  for (int tt = 0; tt < TW; ++tt) {
+    const int tile = min((row0 >> 4) + wr * TW + tt, last_tile);  // past the last tile: clamped, never stored
+    wbase[tt] = reinterpret_cast<const uint4*>(qt) + (size_t)tile * KB * 64 + lane;
+    mbase[tt] = meta + (size_t)tile * G * 8 + g;
+  }
+  // the activation row of each token group for this lane, from k = 32 t, in 16-byte units (tokens past M read the
+  // last token: their output columns are never stored and an mma's columns are independent)
+  const uint4* xb = reinterpret_cast<const uint4*>(x);
+  uint32_t xoff[NTG];
+#pragma unroll
+  for (int ng = 0; ng < NTG; ++ng) xoff[ng] = (uint32_t)min(m0 + ng * 8 + g, M - 1) * (uint32_t)(K / 8) + 4u * t;
+
+  float acc[TW][NTG][4];
+#pragma unroll
+  for (int tt = 0; tt < TW; ++tt)
+#pragma unroll
+    for (int ng = 0; ng < NTG; ++ng)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[tt][ng][e] = 0.f;
+
+  const int kb_begin = (int)((long)rank * KB / CS), kb_end = (int)((long)(rank + 1) * KB / CS);
+  uint4 na[TW], nb[TW];
+  uint2 nm[TW];
+  auto load = [&](int kb) {
+    const int grp = kpg == 1 ? kb : kb / kpg;
+#pragma unroll
+    for (int tt = 0; tt < TW; ++tt) {
+      na[tt] = __ldg(wbase[tt] + kb * 64);
+      nb[tt] = __ldg(wbase[tt] + kb * 64 + 32);
+      nm[tt] = __ldg(mbase[tt] + (size_t)grp * 8);
+    }
+  };
+  int kb = kb_begin + wk;
+  if (kb < kb_end) load(kb);
+  for (; kb < kb_end; kb += WK) {
+    uint4 ca[TW], cb[TW];
+    uint2 cm[TW];
+#pragma unroll
+    for (int tt = 0; tt < TW; ++tt) {
+      ca[tt] = na[tt];
+      cb[tt] = nb[tt];
+      cm[tt] = nm[tt];
+    }
+    if (kb + WK < kb_end) load(kb + WK);  // the next 128-k block's codes in flight during this one's math
+    float part[TW][NTG][4];
+#pragma unroll
+    for (int tt = 0; tt < TW; ++tt)
+#pragma unroll
+      for (int ng = 0; ng < NTG; ++ng)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[tt][ng][e] = 0.f;
+    uint32_t za[TW], zb[TW], fa[TW], fb[TW];
+#pragma unroll
+    for (int tt = 0; tt < TW; ++tt) {
+      zero_operands(cm[tt].x, za[tt], fa[tt]);
+      zero_operands(cm[tt].y, zb[tt], fb[tt]);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint32_t pa[TW][4], pb[TW][4];
+#pragma unroll
+      for (int tt = 0; tt < TW; ++tt) {
+        w4::dq_word4(reinterpret_cast<const uint32_t*>(&ca[tt])[q], za[tt], fa[tt], pa[tt]);
+        w4::dq_word4(reinterpret_cast<const uint32_t*>(&cb[tt])[q], zb[tt], fb[tt], pb[tt]);
+      }
+#pragma unroll
+      for (int ng = 0; ng < NTG; ++ng) {
+        const uint4 f = w4::x_frag_words(__ldg(xb + xoff[ng] + kb * 16 + q));
+#pragma unroll
+        for (int tt = 0; tt < TW; ++tt) {
+          w4::mma_f16(part[tt][ng], pa[tt][0], pb[tt][0], pa[tt][1], pb[tt][1], f.x, f.y);
+          w4::mma_f16(part[tt][ng], pa[tt][2], pb[tt][2], pa[tt][3], pb[tt][3], f.z, f.w);
+        }
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < TW; ++tt) w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
+  }
+
+  // partials: c0 (row g, token 2t), c1 (row g, token 2t + 1), c2 / c3 the same for row g + 8
+#pragma unroll
+  for (int tt = 0; tt < TW; ++tt) {
+    const int r = (wr * TW + tt) * 16 + g;
+#pragma unroll
+    for (int ng = 0; ng < NTG; ++ng) {
+      *reinterpret_cast<float2*>(&red[wk][r][ng * 8 + 2 * t]) = make_float2(acc[tt][ng][0], acc[tt][ng][1]);
+      *reinterpret_cast<float2*>(&red[wk][r + 8][ng * 8 + 2 * t]) = make_float2(acc[tt][ng][2], acc[tt][ng][3]);
+    }
+  }
+  cluster.sync();  // every block's partials written (and visible across the cluster)
+  // this rank's share of the RB x MT outputs, consecutive threads on consecutive rows (coalesced fp16 stores)
+  constexpr int E = RB * MT;
+  const int e_begin = rank * E / CS, e_end = (rank + 1) * E / CS;
+  for (int i = e_begin + (int)threadIdx.x; i < e_end; i += WR * WK * 32) {
+    const int b = i / RB, r = i % RB;
+    const int n = row0 + r, m = m0 + b;
+    float v = 0.f;
+    for (int c = 0; c < CS; ++c) {
+      const float* rc = cluster.map_shared_rank(&red[0][0][0], c);
+#pragma unroll
+      for (int w = 0; w < WK; ++w) v += rc[(w * RB + r) * S + b];
+    }
+    if (n < N && m < M) {
+      if (bias) v += __half2float(bias[n]);
+      out[(size_t)m * N + n] = __float2half(v);
+    }
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+}
+
+
+template <int NTG, int TW, int WR, int WK, int MINB>
+void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
+                    const half* bias, half* out, int M, int N, int K, int group_size) {
+  constexpr int MT = NTG * 8, RB = WR * TW * 16;
+  const int row_blocks = (N + RB - 1) / RB, token_tiles = (M + MT - 1) / MT;
+  int cs = splits;
+  if (cs <= 0) {
+    // fewest waves of whole clusters per unit of K work, plus a small charge per split for the cluster reduction
+    const long base = (long)row_blocks * token_tiles, slots = (long)sms * MINB;
+    double best = 1e30;
+    for (int c = 1; c <= kMaxClusterSplits; ++c) {
+      const double cost = (double)((base * c + slots - 1) / slots) / c + 0.02 * c;
+      if (cost < best - 1e-9) best = cost, cs = c;
+    }
+  }
+  cs = std::max(1, std::min(cs, kMaxClusterSplits));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)row_blocks, (unsigned)cs, (unsigned)token_tiles);
+  cfg.blockDim = dim3(WR * WK * 32);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute la[1];
+  la[0].id = cudaLaunchAttributeClusterDimension;
+  la[0].val.clusterDim.x = 1;
+  la[0].val.clusterDim.y = (unsigned)cs;
+  la[0].val.clusterDim.z = 1;
+  cfg.attrs = la;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_batched_kernel<NTG, TW, WR, WK, MINB>, x, qt, meta, bias, out, M, N,
+                                    K, K / group_size, group_size / 128));
+}
+
+// The variant for M tokens where the caller passes -1.
+int default_batched_variant(int64_t M) { return M <= 32 ? 0 : 2; }
+
+}  // namespace
+
+int64_t w4a16_batched_num_variants() { return kNumBatchedVariants; }
+
+// x [M, K] fp16 times the tiled codes qt ([ceil(n/16) * 16, K/2], reference.pack_w4_tiled) with packed metadata
+// (reference.pack_w4_meta), + bias; variant -1: by M; splits: blocks per cluster splitting K (-1: by occupancy).
+at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
+                                   int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
+                                   int64_t variant, int64_t splits) {
+  TORCH_CHECK(x.dim() == 2 && qt.dim() == 2, "w4a16_batched: x and qt must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1), N = n;
+  TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
+                  qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
+              "w4a16_batched: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
+  TORCH_CHECK(variant >= -1 && variant < kNumBatchedVariants, "w4a16_batched: variant must be -1..",
+              kNumBatchedVariants - 1);
+  TORCH_CHECK(splits == -1 || (splits >= 1 && splits <= kMaxClusterSplits), "w4a16_batched: splits must be -1 or 1..",
+              kMaxClusterSplits);
+  TORCH_CHECK(M * K / 8 < (int64_t(1) << 31), "w4a16_batched: M * K too large for 32-bit activation offsets");
+  const half* bp = w4::check_packed_args("w4a16_batched", x, qt, meta, group_size, bias, N, M);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const int v = variant < 0 ? default_batched_variant(M) : (int)variant;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const half* xp = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+  const uint2* mp = reinterpret_cast<const uint2*>(meta.data_ptr<int32_t>());
+  half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+  const uint8_t* qp = qt.data_ptr<uint8_t>();
+  const int s = (int)splits, m = (int)M, nn = (int)N, k = (int)K, gs = (int)group_size;
+  switch (v) {
+    case 0: launch_batched<4, 2, 2, 2, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
+    case 1: launch_batched<4, 2, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
+    case 2: launch_batched<8, 1, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
+    default: launch_batched<8, 1, 4, 1, 2>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace qaas
