@@ -186,7 +186,7 @@ def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, 
 
 # kernels/csrc/w4a16_batched.cu kBatchedVariants: tokens x rows per block, warps, register cap
 W4A16_BATCHED_VARIANTS = ["32 tokens x 64 rows, 2x2 warps of 2 tiles", "32 tokens x 128 rows, 4 warps of 2 tiles",
-                          "64 tokens x 64 rows, 4 warps of 1 tile", "64 tokens x 64 rows, 4 warps of 1 tile, 2 blocks/SM"]
+                          "64 tokens x 64 rows, 4 warps of 1 tile", "32 tokens x 64 rows, 4x2 warps of 1 tile"]
 
 
 def add_w4a16_batched_rows(ext, w4: list, tiled: list, xs4: list, group: int, n: int, k: int, m: int, t_fp16: float,

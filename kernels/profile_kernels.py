@@ -2,7 +2,8 @@
 
 Fresh random inputs (int4 codes 1..15, non-zero activations); five calls so a ``--launch-skip`` lands on a warm one.
 Kernels: ``w4a16`` (decode, 1 token; ``--variant`` as in ``w4a16_gemm_variant``, with ``--packed`` as in
-``w4a16_gemm_packed_variant``, with ``--tiled`` as in ``w4a16_gemm_packed_tiled``), ``act_quant`` (int8 per-token
+``w4a16_gemm_packed_variant``, with ``--tiled`` as in ``w4a16_gemm_packed_tiled``; with ``--batched`` the batched
+GEMM ``w4a16_gemm_batched`` at ``--tokens`` tokens, ``--splits`` cluster blocks splitting K), ``act_quant`` (int8 per-token
 quantization of ``--tokens`` x ``--k`` fp16 activations with ``--transform`` none / hadamard / kronecker).
 """
 
@@ -19,7 +20,8 @@ from quant.transforms.kronecker import kron_factors
 
 
 def profile_w4a16(
-    k: int, n: int, variant: int, gen: torch.Generator, packed: bool = False, tiled: bool = False
+    k: int, n: int, variant: int, gen: torch.Generator, packed: bool = False, tiled: bool = False,
+    batched_tokens: int = 0, splits: int = -1,
 ) -> None:
     """Five calls, each on its own copy of the weights (5 x 24 MB at 4096 x 11008 exceeds the H200's 60 MB L2: the
     profiled call reads its weights from DRAM, as in the benchmark, not from the previous call's L2 lines)."""
@@ -30,12 +32,15 @@ def profile_w4a16(
         qw = pack_int4(torch.randint(1, 16, (n, k), generator=gen, dtype=torch.uint8)).cuda()
         scale = (torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3).cuda()
         zero = torch.randint(0, 16, (n, k // group), generator=gen).float().cuda()
-        if tiled:
+        if tiled or batched_tokens:
             qw = reference.pack_w4_tiled(qw)
-        copies.append((qw, scale, zero, reference.pack_w4_meta(scale, zero) if packed or tiled else None))
-    x = torch.randn(1, k, generator=gen).half().cuda()
+        copies.append((qw, scale, zero, reference.pack_w4_meta(scale, zero) if packed or tiled or batched_tokens
+                       else None))
+    x = torch.randn(max(1, batched_tokens), k, generator=gen).half().cuda()
     for qw, scale, zero, meta in copies:
-        if tiled:
+        if batched_tokens:
+            ext.w4a16_gemm_batched(x, qw, meta, group, None, n, variant, splits)
+        elif tiled:
             ext.w4a16_gemm_packed_tiled(x, qw, meta, group, None, n, variant)
         elif packed:
             ext.w4a16_gemm_packed_variant(x, qw, meta, group, None, variant)
@@ -68,12 +73,15 @@ def main() -> None:
     ap.add_argument("--variant", type=int, default=-1)
     ap.add_argument("--packed", action="store_true", help="w4a16: the packed-metadata kernel")
     ap.add_argument("--tiled", action="store_true", help="w4a16: the packed-metadata kernels over tiled codes")
+    ap.add_argument("--batched", action="store_true", help="w4a16: the batched GEMM at --tokens tokens")
+    ap.add_argument("--splits", type=int, default=-1, help="w4a16 --batched: cluster blocks splitting K (-1: auto)")
     ap.add_argument("--transform", default="kronecker", choices=["none", "hadamard", "kronecker"])
     args = ap.parse_args()
     assert kernels.available(), kernels.unavailable_reason()
     gen = torch.Generator().manual_seed(0)
     if args.kernel == "w4a16":
-        profile_w4a16(args.k, args.n, args.variant, gen, args.packed, args.tiled)
+        profile_w4a16(args.k, args.n, args.variant, gen, args.packed, args.tiled,
+                      args.tokens if args.batched else 0, args.splits)
     else:
         profile_act_quant(args.tokens, args.k, args.transform, gen)
     torch.cuda.synchronize()

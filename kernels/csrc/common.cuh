@@ -37,4 +37,12 @@ __device__ __forceinline__ void unpack8_int4_signed(uint32_t w, uint32_t& out0, 
   out1 = __vsub4(__byte_perm(lo, hi, 0x7362), 0x08080808u);
 }
 
+// 16-byte asynchronous global -> shared copies (L2 only: .cg), by shared-window address; groups committed and awaited.
+__device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gptr) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gptr) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
 }  // namespace qaas

@@ -38,8 +38,8 @@ struct BatchedVariant {
   int ntg, tw, wr, wk, min_blocks;  // token groups of 8, tiles per warp, row warps, k warps, __launch_bounds__ blocks/SM
 };
 // 0: 32 tokens x 64 rows, 2 x 2 warps; 1: 32 x 128, 4 row warps; 2: 64 tokens x 64 rows, one tile per warp;
-// 3: as 2 at two blocks per SM (no register cap below 255).
-constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3}, {4, 2, 4, 1, 3}, {8, 1, 4, 1, 3}, {8, 1, 4, 1, 2}};
+// 3: 32 x 64, 4 x 2 warps of one tile (8 warps per block).
+constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3}, {4, 2, 4, 1, 3}, {8, 1, 4, 1, 3}, {4, 1, 4, 2, 2}};
 constexpr int kNumBatchedVariants = sizeof(kBatchedVariants) / sizeof(kBatchedVariants[0]);
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 
@@ -57,12 +57,22 @@ constexpr int red_stride() {
   return MT + 8;
 }
 
+// Shared memory of a block: the activations of two rounds (WK 128-k blocks x MT tokens each, in fragment order: unit
+// ((q * MT + token) * 4 + t) holds x[token, 128 kb + 32 t + 8 q .. + 8], so a warp's 16-byte loads of one token group
+// and slice q read 512 contiguous bytes), then, after the k loop, the partial sums [WK][RB][S] in the same bytes.
+template <int NTG, int TW, int WR, int WK>
+constexpr int batched_smem_units() {
+  constexpr int MT = NTG * 8, RB = WR * TW * 16;
+  constexpr int x_units = 2 * WK * MT * 16, red_units = WK * RB * red_stride<MT>() / 4;
+  return x_units > red_units ? x_units : red_units;
+}
+
 template <int NTG, int TW, int WR, int WK, int MINB>
 __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
     const half* __restrict__ bias, half* __restrict__ out, int M, int N, int K, int G, int kpg) {
-  constexpr int MT = NTG * 8, RB = WR * TW * 16, S = red_stride<MT>();
-  __shared__ __align__(16) float red[WK][RB][S];
+  constexpr int MT = NTG * 8, RB = WR * TW * 16, S = red_stride<MT>(), XU = MT * 16, NTHREADS = WR * WK * 32;
+  __shared__ uint4 smem[batched_smem_units<NTG, TW, WR, WK>()];
   cg::cluster_group cluster = cg::this_cluster();
   const int CS = (int)cluster.num_blocks(), rank = (int)cluster.block_rank();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -80,12 +90,6 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
     wbase[tt] = reinterpret_cast<const uint4*>(qt) + (size_t)tile * KB * 64 + lane;
     mbase[tt] = meta + (size_t)tile * G * 8 + g;
   }
-  // the activation row of each token group for this lane, from k = 32 t, in 16-byte units (tokens past M read the
-  // last token: their output columns are never stored and an mma's columns are independent)
-  const uint4* xb = reinterpret_cast<const uint4*>(x);
-  uint32_t xoff[NTG];
-#pragma unroll
-  for (int ng = 0; ng < NTG; ++ng) xoff[ng] = (uint32_t)min(m0 + ng * 8 + g, M - 1) * (uint32_t)(K / 8) + 4u * t;
 
   float acc[TW][NTG][4];
 #pragma unroll
@@ -96,6 +100,22 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       for (int e = 0; e < 4; ++e) acc[tt][ng][e] = 0.f;
 
   const int kb_begin = (int)((long)rank * KB / CS), kb_end = (int)((long)(rank + 1) * KB / CS);
+  const int rounds = (kb_end - kb_begin + WK - 1) / WK;
+  // round r: warp wk takes 128-k block kb_begin + r * WK + wk; the block stages those WK blocks' activations for MT
+  // tokens (tokens past M copy the last token: their outputs are never stored, an mma's columns are independent)
+  auto stage = [&](int r) {
+    uint4* buf = smem + (r & 1) * WK * XU;
+    for (int i = threadIdx.x; i < WK * XU; i += NTHREADS) {
+      const int j = i / XU, u = i % XU;
+      const int kb = kb_begin + r * WK + j;
+      if (kb < kb_end) {
+        const int tq = u >> 2, tok = tq % MT, q = tq / MT;
+        const half* src = x + (size_t)min(m0 + tok, M - 1) * K + kb * 128 + 32 * (u & 3) + 8 * q;
+        cp_async16((uint32_t)__cvta_generic_to_shared(buf + i), src);
+      }
+    }
+    cp_async_commit();
+  };
   uint4 na[TW], nb[TW];
   uint2 nm[TW];
   auto load = [&](int kb) {
@@ -107,9 +127,11 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       nm[tt] = __ldg(mbase[tt] + (size_t)grp * 8);
     }
   };
-  int kb = kb_begin + wk;
-  if (kb < kb_end) load(kb);
-  for (; kb < kb_end; kb += WK) {
+  if (kb_begin + wk < kb_end) load(kb_begin + wk);
+  if (rounds > 0) stage(0);
+  for (int r = 0; r < rounds; ++r) {
+    const int kb = kb_begin + r * WK + wk;
+    const bool active = kb < kb_end;
     uint4 ca[TW], cb[TW];
     uint2 cm[TW];
 #pragma unroll
@@ -119,42 +141,55 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       cm[tt] = nm[tt];
     }
     if (kb + WK < kb_end) load(kb + WK);  // the next 128-k block's codes in flight during this one's math
-    float part[TW][NTG][4];
-#pragma unroll
-    for (int tt = 0; tt < TW; ++tt)
-#pragma unroll
-      for (int ng = 0; ng < NTG; ++ng)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[tt][ng][e] = 0.f;
-    uint32_t za[TW], zb[TW], fa[TW], fb[TW];
-#pragma unroll
-    for (int tt = 0; tt < TW; ++tt) {
-      zero_operands(cm[tt].x, za[tt], fa[tt]);
-      zero_operands(cm[tt].y, zb[tt], fb[tt]);
+    if (r + 1 < rounds) {
+      stage(r + 1);
+      cp_async_wait1();
+    } else {
+      cp_async_wait0();
     }
+    __syncthreads();  // this round's activations are in
+    if (active) {
+      const uint4* xw = smem + (r & 1) * WK * XU + wk * XU;
+      float part[TW][NTG][4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      uint32_t pa[TW][4], pb[TW][4];
+      for (int tt = 0; tt < TW; ++tt)
+#pragma unroll
+        for (int ng = 0; ng < NTG; ++ng)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[tt][ng][e] = 0.f;
+      uint32_t za[TW], zb[TW], fa[TW], fb[TW];
 #pragma unroll
       for (int tt = 0; tt < TW; ++tt) {
-        w4::dq_word4(reinterpret_cast<const uint32_t*>(&ca[tt])[q], za[tt], fa[tt], pa[tt]);
-        w4::dq_word4(reinterpret_cast<const uint32_t*>(&cb[tt])[q], zb[tt], fb[tt], pb[tt]);
+        zero_operands(cm[tt].x, za[tt], fa[tt]);
+        zero_operands(cm[tt].y, zb[tt], fb[tt]);
       }
 #pragma unroll
-      for (int ng = 0; ng < NTG; ++ng) {
-        const uint4 f = w4::x_frag_words(__ldg(xb + xoff[ng] + kb * 16 + q));
+      for (int q = 0; q < 4; ++q) {
+        uint32_t pa[TW][4], pb[TW][4];
 #pragma unroll
         for (int tt = 0; tt < TW; ++tt) {
-          w4::mma_f16(part[tt][ng], pa[tt][0], pb[tt][0], pa[tt][1], pb[tt][1], f.x, f.y);
-          w4::mma_f16(part[tt][ng], pa[tt][2], pb[tt][2], pa[tt][3], pb[tt][3], f.z, f.w);
+          w4::dq_word4(reinterpret_cast<const uint32_t*>(&ca[tt])[q], za[tt], fa[tt], pa[tt]);
+          w4::dq_word4(reinterpret_cast<const uint32_t*>(&cb[tt])[q], zb[tt], fb[tt], pb[tt]);
+        }
+#pragma unroll
+        for (int ng = 0; ng < NTG; ++ng) {
+          const uint4 f = w4::x_frag_words(xw[(q * MT + ng * 8 + g) * 4 + t]);
+#pragma unroll
+          for (int tt = 0; tt < TW; ++tt) {
+            w4::mma_f16(part[tt][ng], pa[tt][0], pb[tt][0], pa[tt][1], pb[tt][1], f.x, f.y);
+            w4::mma_f16(part[tt][ng], pa[tt][2], pb[tt][2], pa[tt][3], pb[tt][3], f.z, f.w);
+          }
         }
       }
-    }
 #pragma unroll
-    for (int tt = 0; tt < TW; ++tt) w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
+      for (int tt = 0; tt < TW; ++tt)
+        w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
+    }
+    __syncthreads();  // everyone is done with this buffer before round r + 2's copies land in it
   }
 
-  // partials: c0 (row g, token 2t), c1 (row g, token 2t + 1), c2 / c3 the same for row g + 8
+  // partials of the WK warps: c0 (row g, token 2t), c1 (row g, token 2t + 1), c2 / c3 the same for row g + 8
+  float(*red)[RB][S] = reinterpret_cast<float(*)[RB][S]>(smem);
 #pragma unroll
   for (int tt = 0; tt < TW; ++tt) {
     const int r = (wr * TW + tt) * 16 + g;
@@ -164,27 +199,39 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       *reinterpret_cast<float2*>(&red[wk][r + 8][ng * 8 + 2 * t]) = make_float2(acc[tt][ng][2], acc[tt][ng][3]);
     }
   }
-  cluster.sync();  // every block's partials written (and visible across the cluster)
-  // this rank's share of the RB x MT outputs, consecutive threads on consecutive rows (coalesced fp16 stores)
-  constexpr int E = RB * MT;
-  const int e_begin = rank * E / CS, e_end = (rank + 1) * E / CS;
-  for (int i = e_begin + (int)threadIdx.x; i < e_end; i += WR * WK * 32) {
-    const int b = i / RB, r = i % RB;
-    const int n = row0 + r, m = m0 + b;
-    float v = 0.f;
-    for (int c = 0; c < CS; ++c) {
-      const float* rc = cluster.map_shared_rank(&red[0][0][0], c);
+  if constexpr (WK > 1) {  // the block's own sum first, so the cluster exchange reads one copy per block
+    __syncthreads();
+    for (int i = threadIdx.x; i < RB * MT; i += NTHREADS) {
+      const int r = i / MT, b = i % MT;
+      float v = red[0][r][b];
 #pragma unroll
-      for (int w = 0; w < WK; ++w) v += rc[(w * RB + r) * S + b];
+      for (int w = 1; w < WK; ++w) v += red[w][r][b];
+      red[0][r][b] = v;
     }
-    if (n < N && m < M) {
-      if (bias) v += __half2float(bias[n]);
-      out[(size_t)m * N + n] = __float2half(v);
+  }
+  cluster.sync();  // every block's sums written (and visible across the cluster)
+  // this rank's share of the RB x MT outputs in 4-token quads: consecutive threads on consecutive rows (the fp16
+  // stores of a warp cover 32 consecutive outputs of a token), one 16-byte read per block of the cluster
+  constexpr int Q = RB * MT / 4;
+  const int q_begin = rank * Q / CS, q_end = (rank + 1) * Q / CS;
+  for (int i = q_begin + (int)threadIdx.x; i < q_end; i += NTHREADS) {
+    const int r = i % RB, b = 4 * (i / RB);
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int c = 0; c < CS; ++c) {
+      const float4 p = *reinterpret_cast<const float4*>(cluster.map_shared_rank(&red[0][r][b], c));
+      v.x += p.x, v.y += p.y, v.z += p.z, v.w += p.w;
+    }
+    const int n = row0 + r;
+    if (n < N) {
+      const float bn = bias ? __half2float(bias[n]) : 0.f;
+      const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (m0 + b + e < M) out[(size_t)(m0 + b + e) * N + n] = __float2half(vals[e] + bn);
     }
   }
   cluster.sync();  // no block leaves while another still reads its shared memory
 }
-
 
 template <int NTG, int TW, int WR, int WK, int MINB>
 void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
@@ -197,7 +244,7 @@ void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, con
     const long base = (long)row_blocks * token_tiles, slots = (long)sms * MINB;
     double best = 1e30;
     for (int c = 1; c <= kMaxClusterSplits; ++c) {
-      const double cost = (double)((base * c + slots - 1) / slots) / c + 0.02 * c;
+      const double cost = (double)((base * c + slots - 1) / slots) / c + 0.05 * c;
       if (cost < best - 1e-9) best = cost, cs = c;
     }
   }
@@ -219,7 +266,7 @@ void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, con
 }
 
 // The variant for M tokens where the caller passes -1.
-int default_batched_variant(int64_t M) { return M <= 32 ? 0 : 2; }
+int default_batched_variant(int64_t M) { return M <= 32 ? 1 : 2; }
 
 }  // namespace
 
@@ -257,7 +304,7 @@ at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, co
     case 0: launch_batched<4, 2, 2, 2, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
     case 1: launch_batched<4, 2, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
     case 2: launch_batched<8, 1, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
-    default: launch_batched<8, 1, 4, 1, 2>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs);
+    default: launch_batched<4, 1, 4, 2, 2>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
