@@ -57,13 +57,21 @@ constexpr int red_stride() {
   return MT + 8;
 }
 
-// Shared memory of a block: the activations of two rounds (WK 128-k blocks x MT tokens each, in fragment order: unit
+// Wait until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_pending() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+constexpr int kXStages = 3;  // rounds of activations in flight or in use: two copies ahead of the one computed on
+
+// Shared memory of a block: the activations of kXStages rounds (WK 128-k blocks x MT tokens each, in fragment order: unit
 // ((q * MT + token) * 4 + t) holds x[token, 128 kb + 32 t + 8 q .. + 8], so a warp's 16-byte loads of one token group
 // and slice q read 512 contiguous bytes), then, after the k loop, the partial sums [WK][RB][S] in the same bytes.
 template <int NTG, int TW, int WR, int WK>
 constexpr int batched_smem_units() {
   constexpr int MT = NTG * 8, RB = WR * TW * 16;
-  constexpr int x_units = 2 * WK * MT * 16, red_units = WK * RB * red_stride<MT>() / 4;
+  constexpr int x_units = kXStages * WK * MT * 16, red_units = WK * RB * red_stride<MT>() / 4;
   return x_units > red_units ? x_units : red_units;
 }
 
@@ -102,19 +110,28 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
   const int kb_begin = (int)((long)rank * KB / CS), kb_end = (int)((long)(rank + 1) * KB / CS);
   const int rounds = (kb_end - kb_begin + WK - 1) / WK;
   // round r: warp wk takes 128-k block kb_begin + r * WK + wk; the block stages those WK blocks' activations for MT
-  // tokens (tokens past M copy the last token: their outputs are never stored, an mma's columns are independent)
+  // tokens (tokens past M copy the last token: their outputs are never stored, an mma's columns are independent).
+  // Each thread copies the same units every round: their sources (from k = 0) and shared offsets are set up once.
+  constexpr int kUnitsPerThread = (WK * XU + NTHREADS - 1) / NTHREADS;
+  uint32_t src_off[kUnitsPerThread];  // in halves, from x
+  int unit_j[kUnitsPerThread];        // the unit's 128-k block within the round (WK: none, past the last unit)
+  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(smem);
+#pragma unroll
+  for (int p = 0; p < kUnitsPerThread; ++p) {
+    const int i = (int)threadIdx.x + p * NTHREADS;
+    const int j = i / XU, u = i % XU, tq = u >> 2, tok = tq % MT, q = tq / MT;
+    unit_j[p] = i < WK * XU ? j : WK;
+    src_off[p] = (uint32_t)min(m0 + tok, M - 1) * (uint32_t)K + 32u * (u & 3) + 8u * q;
+  }
   auto stage = [&](int r) {
-    uint4* buf = smem + (r & 1) * WK * XU;
-    for (int i = threadIdx.x; i < WK * XU; i += NTHREADS) {
-      const int j = i / XU, u = i % XU;
-      const int kb = kb_begin + r * WK + j;
-      if (kb < kb_end) {
-        const int tq = u >> 2, tok = tq % MT, q = tq / MT;
-        const half* src = x + (size_t)min(m0 + tok, M - 1) * K + kb * 128 + 32 * (u & 3) + 8 * q;
-        cp_async16((uint32_t)__cvta_generic_to_shared(buf + i), src);
-      }
+    const uint32_t buf = xs_base + (uint32_t)((r % kXStages) * WK * XU * 16);
+#pragma unroll
+    for (int p = 0; p < kUnitsPerThread; ++p) {
+      const int kb = kb_begin + r * WK + unit_j[p];
+      if (unit_j[p] < WK && kb < kb_end)
+        cp_async16(buf + 16u * ((uint32_t)threadIdx.x + p * NTHREADS), x + src_off[p] + (size_t)kb * 128);
     }
-    cp_async_commit();
+    cp_async_commit();  // (an empty group where nothing was copied: the waits below count groups)
   };
   uint4 na[TW], nb[TW];
   uint2 nm[TW];
@@ -128,7 +145,8 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
     }
   };
   if (kb_begin + wk < kb_end) load(kb_begin + wk);
-  if (rounds > 0) stage(0);
+#pragma unroll
+  for (int r = 0; r < kXStages - 1; ++r) stage(r);
   for (int r = 0; r < rounds; ++r) {
     const int kb = kb_begin + r * WK + wk;
     const bool active = kb < kb_end;
@@ -141,15 +159,11 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       cm[tt] = nm[tt];
     }
     if (kb + WK < kb_end) load(kb + WK);  // the next 128-k block's codes in flight during this one's math
-    if (r + 1 < rounds) {
-      stage(r + 1);
-      cp_async_wait1();
-    } else {
-      cp_async_wait0();
-    }
-    __syncthreads();  // this round's activations are in
+    cp_async_wait_pending<kXStages - 2>();  // round r's copies landed (the later rounds' may still fly)
+    __syncthreads();  // ... for every thread's copies; and round r - 1's buffer is free for round r + kXStages - 1
+    stage(r + kXStages - 1);
     if (active) {
-      const uint4* xw = smem + (r & 1) * WK * XU + wk * XU;
+      const uint4* xw = smem + (r % kXStages) * WK * XU + wk * XU;
       float part[TW][NTG][4];
 #pragma unroll
       for (int tt = 0; tt < TW; ++tt)
@@ -185,8 +199,9 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       for (int tt = 0; tt < TW; ++tt)
         w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
     }
-    __syncthreads();  // everyone is done with this buffer before round r + 2's copies land in it
   }
+  cp_async_wait_pending<0>();
+  __syncthreads();  // the buffers become the partial sums
 
   // partials of the WK warps: c0 (row g, token 2t), c1 (row g, token 2t + 1), c2 / c3 the same for row g + 8
   float(*red)[RB][S] = reinterpret_cast<float(*)[RB][S]>(smem);
@@ -266,7 +281,7 @@ void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, con
 }
 
 // The variant for M tokens where the caller passes -1.
-int default_batched_variant(int64_t M) { return M <= 32 ? 1 : 2; }
+int default_batched_variant(int64_t) { return 1; }
 
 }  // namespace
 
@@ -286,7 +301,7 @@ at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, co
               kNumBatchedVariants - 1);
   TORCH_CHECK(splits == -1 || (splits >= 1 && splits <= kMaxClusterSplits), "w4a16_batched: splits must be -1 or 1..",
               kMaxClusterSplits);
-  TORCH_CHECK(M * K / 8 < (int64_t(1) << 31), "w4a16_batched: M * K too large for 32-bit activation offsets");
+  TORCH_CHECK(M * K < (int64_t(1) << 32), "w4a16_batched: M * K too large for 32-bit activation offsets");
   const half* bp = w4::check_packed_args("w4a16_batched", x, qt, meta, group_size, bias, N, M);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
