@@ -49,8 +49,10 @@ if TYPE_CHECKING:
 FP_BITS = 16
 GEMV_MAX_TOKENS = 16
 # W4A16 from GEMV_MAX_TOKENS + 1 up to this many tokens: the batched GEMM over tiled codes (kernels/csrc/w4a16_batched.cu);
-# more: dequantisation + cuBLAS fp16 (compute-bound there, where cuBLAS's wgmma beats mma.sync).
-W4A16_BATCHED_MAX_TOKENS = 256
+# more: dequantisation + cuBLAS fp16. H200 run v13c: at 128 tokens the batched GEMM was the faster on all three 7B shapes
+# (29.6 / 77.9 / 66.9 us vs 37.8 / 89.4 / 92.9), at 256 the slower (55.5 / 133.6 / 128.8 vs 39.5 / 95.6 / 100.3): its
+# mma.sync products run out of issue slots where cuBLAS's wgmma does not.
+W4A16_BATCHED_MAX_TOKENS = 128
 SM90_GEMM_MIN_TOKENS = {8: 1, 4: 64}  # by weight bits: tokens from which W8A8 / W4A8 take the Hopper wgmma
 # GEMM (when built with it). W4A8 unpacks its int4 codes per call (26 us for 4096x11008 on the H100), which
 # only pays off once the GEMM dominates (run h100-v5b: at 1-16 tokens the mma.sync kernel is faster).

@@ -36,10 +36,13 @@ namespace cg = cooperative_groups;
 
 struct BatchedVariant {
   int ntg, tw, wr, wk, min_blocks;  // token groups of 8, tiles per warp, row warps, k warps, __launch_bounds__ blocks/SM
+  bool half_scale;                  // codes scaled in fp16 before the mma (the kernel's HS)
 };
 // 0: 32 tokens x 64 rows, 2 x 2 warps; 1: 32 x 128, 4 row warps; 2: 64 tokens x 64 rows, one tile per warp;
-// 3: 32 x 64, 4 x 2 warps of one tile (8 warps per block).
-constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3}, {4, 2, 4, 1, 3}, {8, 1, 4, 1, 3}, {4, 1, 4, 2, 2}};
+// 3: 32 x 64, 4 x 2 warps of one tile (8 warps per block); 4 / 5: 1 with the codes scaled in fp16 (HS) at four /
+// five blocks per SM.
+constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3, false}, {4, 2, 4, 1, 3, false}, {8, 1, 4, 1, 3, false},
+                                               {4, 1, 4, 2, 2, false}, {4, 2, 4, 1, 4, true},  {4, 2, 4, 1, 5, true}};
 constexpr int kNumBatchedVariants = sizeof(kBatchedVariants) / sizeof(kBatchedVariants[0]);
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 
@@ -50,6 +53,11 @@ __device__ __forceinline__ void zero_operands(uint32_t word, uint32_t& zsub, uin
 }
 
 __device__ __forceinline__ float meta_scale_of(uint32_t word) { return __uint_as_float(word & ~0xFu); }
+
+__device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
+  const half2 r = __hmul2(*reinterpret_cast<const half2*>(&a), *reinterpret_cast<const half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
 
 // Row stride of the partial-sum buffer in floats: MT + 8 keeps the float2 stores of store_partials conflict-free.
 template <int MT>
@@ -75,7 +83,11 @@ constexpr int batched_smem_units() {
   return x_units > red_units ? x_units : red_units;
 }
 
-template <int NTG, int TW, int WR, int WK, int MINB>
+// HS: the expanded codes (u - z) multiplied by the group scale in fp16 (one HMUL2 per pair) before the mma, so the fp32
+// accumulators take the products directly (no per-round partials and fp32 scaling: 32 registers fewer at 32 tokens x 2
+// tiles). The weights then pass through fp16 as in the dequantise + cuBLAS path (there rounded once, here the scale is
+// rounded to fp16 first): ~2^-11 relative per weight instead of exact (u - z) with an fp32 scale.
+template <int NTG, int TW, int WR, int WK, int MINB, bool HS>
 __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
     const half* __restrict__ bias, half* __restrict__ out, int M, int N, int K, int G, int kpg) {
@@ -164,40 +176,60 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
     stage(r + kXStages - 1);
     if (active) {
       const uint4* xw = smem + (r % kXStages) * WK * XU + wk * XU;
-      float part[TW][NTG][4];
-#pragma unroll
-      for (int tt = 0; tt < TW; ++tt)
-#pragma unroll
-        for (int ng = 0; ng < NTG; ++ng)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) part[tt][ng][e] = 0.f;
-      uint32_t za[TW], zb[TW], fa[TW], fb[TW];
+      uint32_t za[TW], zb[TW], fa[TW], fb[TW], sa2[TW], sb2[TW];
 #pragma unroll
       for (int tt = 0; tt < TW; ++tt) {
         zero_operands(cm[tt].x, za[tt], fa[tt]);
         zero_operands(cm[tt].y, zb[tt], fb[tt]);
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        uint32_t pa[TW][4], pb[TW][4];
-#pragma unroll
-        for (int tt = 0; tt < TW; ++tt) {
-          w4::dq_word4(reinterpret_cast<const uint32_t*>(&ca[tt])[q], za[tt], fa[tt], pa[tt]);
-          w4::dq_word4(reinterpret_cast<const uint32_t*>(&cb[tt])[q], zb[tt], fb[tt], pb[tt]);
+        if constexpr (HS) {
+          const half2 s2a = __float2half2_rn(meta_scale_of(cm[tt].x)), s2b = __float2half2_rn(meta_scale_of(cm[tt].y));
+          sa2[tt] = *reinterpret_cast<const uint32_t*>(&s2a);
+          sb2[tt] = *reinterpret_cast<const uint32_t*>(&s2b);
         }
+      }
+      // the round's products into d: acc itself (HS: the codes scaled in fp16 first) or the fp32 partials
+      auto products = [&](float (&d)[TW][NTG][4]) {
 #pragma unroll
-        for (int ng = 0; ng < NTG; ++ng) {
-          const uint4 f = w4::x_frag_words(xw[(q * MT + ng * 8 + g) * 4 + t]);
+        for (int q = 0; q < 4; ++q) {
+          uint32_t pa[TW][4], pb[TW][4];
 #pragma unroll
           for (int tt = 0; tt < TW; ++tt) {
-            w4::mma_f16(part[tt][ng], pa[tt][0], pb[tt][0], pa[tt][1], pb[tt][1], f.x, f.y);
-            w4::mma_f16(part[tt][ng], pa[tt][2], pb[tt][2], pa[tt][3], pb[tt][3], f.z, f.w);
+            w4::dq_word4(reinterpret_cast<const uint32_t*>(&ca[tt])[q], za[tt], fa[tt], pa[tt]);
+            w4::dq_word4(reinterpret_cast<const uint32_t*>(&cb[tt])[q], zb[tt], fb[tt], pb[tt]);
+            if constexpr (HS) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                pa[tt][i] = hmul2_u32(pa[tt][i], sa2[tt]);
+                pb[tt][i] = hmul2_u32(pb[tt][i], sb2[tt]);
+              }
+            }
+          }
+#pragma unroll
+          for (int ng = 0; ng < NTG; ++ng) {
+            const uint4 f = w4::x_frag_words(xw[(q * MT + ng * 8 + g) * 4 + t]);
+#pragma unroll
+            for (int tt = 0; tt < TW; ++tt) {
+              w4::mma_f16(d[tt][ng], pa[tt][0], pb[tt][0], pa[tt][1], pb[tt][1], f.x, f.y);
+              w4::mma_f16(d[tt][ng], pa[tt][2], pb[tt][2], pa[tt][3], pb[tt][3], f.z, f.w);
+            }
           }
         }
-      }
+      };
+      if constexpr (HS) {
+        products(acc);
+      } else {
+        float part[TW][NTG][4];
 #pragma unroll
-      for (int tt = 0; tt < TW; ++tt)
-        w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
+        for (int tt = 0; tt < TW; ++tt)
+#pragma unroll
+          for (int ng = 0; ng < NTG; ++ng)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[tt][ng][e] = 0.f;
+        products(part);
+#pragma unroll
+        for (int tt = 0; tt < TW; ++tt)
+          w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
+      }
     }
   }
   cp_async_wait_pending<0>();
@@ -248,20 +280,19 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
   cluster.sync();  // no block leaves while another still reads its shared memory
 }
 
-template <int NTG, int TW, int WR, int WK, int MINB>
+template <int NTG, int TW, int WR, int WK, int MINB, bool HS = false>
 void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                     const half* bias, half* out, int M, int N, int K, int group_size) {
   constexpr int MT = NTG * 8, RB = WR * TW * 16;
   const int row_blocks = (N + RB - 1) / RB, token_tiles = (M + MT - 1) / MT;
   int cs = splits;
   if (cs <= 0) {
-    // fewest waves of whole clusters per unit of K work, plus a small charge per split for the cluster reduction
-    const long base = (long)row_blocks * token_tiles, slots = (long)sms * MINB;
-    double best = 1e30;
-    for (int c = 1; c <= kMaxClusterSplits; ++c) {
-      const double cost = (double)((base * c + slots - 1) / slots) / c + 0.05 * c;
-      if (cost < best - 1e-9) best = cost, cs = c;
-    }
+    // the most splits (powers of two) that keep the grid within ~87% of one wave of the occupancy: H200 run v13c, variant
+    // 1 (3 blocks per SM), 32-256 tokens on the three 7B shapes, chose within 7% of the best fixed split everywhere (a
+    // second wave, or more splits' shorter k loops, cost more than the idle SMs)
+    const long base = (long)row_blocks * token_tiles, slots100 = 87L * sms * MINB;
+    cs = 1;
+    while (cs * 2 <= kMaxClusterSplits && base * cs * 2 * 100 <= slots100) cs *= 2;
   }
   cs = std::max(1, std::min(cs, kMaxClusterSplits));
   cudaLaunchConfig_t cfg = {};
@@ -276,7 +307,7 @@ void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, con
   la[0].val.clusterDim.z = 1;
   cfg.attrs = la;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_batched_kernel<NTG, TW, WR, WK, MINB>, x, qt, meta, bias, out, M, N,
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_batched_kernel<NTG, TW, WR, WK, MINB, HS>, x, qt, meta, bias, out, M, N,
                                     K, K / group_size, group_size / 128));
 }
 
@@ -319,7 +350,9 @@ at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, co
     case 0: launch_batched<4, 2, 2, 2, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
     case 1: launch_batched<4, 2, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
     case 2: launch_batched<8, 1, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
-    default: launch_batched<4, 1, 4, 2, 2>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs);
+    case 3: launch_batched<4, 1, 4, 2, 2>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
+    case 4: launch_batched<4, 2, 4, 1, 4, true>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
+    default: launch_batched<4, 2, 4, 1, 5, true>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
