@@ -1,4 +1,4 @@
-// W4A16 GEMM for batched decode and short prefills (17..~256 tokens): int4 codes in the decode kernels' tiled order
+// W4A16 GEMM for batched decode and short prefills (17..128 tokens as dispatched): int4 codes in the decode kernels' tiled order
 // (reference.pack_w4_tiled) with packed per-group metadata words (reference.pack_w4_meta), fp16 activations, fp16 out.
 //
 // Why a third W4A16 kernel: the decode kernels (w4a16_packed.cu) give each 16-row tile its own block and read the
@@ -36,13 +36,10 @@ namespace cg = cooperative_groups;
 
 struct BatchedVariant {
   int ntg, tw, wr, wk, min_blocks;  // token groups of 8, tiles per warp, row warps, k warps, __launch_bounds__ blocks/SM
-  bool half_scale;                  // codes scaled in fp16 before the mma (the kernel's HS)
 };
 // 0: 32 tokens x 64 rows, 2 x 2 warps; 1: 32 x 128, 4 row warps; 2: 64 tokens x 64 rows, one tile per warp;
-// 3: 32 x 64, 4 x 2 warps of one tile (8 warps per block); 4 / 5: 1 with the codes scaled in fp16 (HS) at four /
-// five blocks per SM.
-constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3, false}, {4, 2, 4, 1, 3, false}, {8, 1, 4, 1, 3, false},
-                                               {4, 1, 4, 2, 2, false}, {4, 2, 4, 1, 4, true},  {4, 2, 4, 1, 5, true}};
+// 3: 32 x 64, 4 x 2 warps of one tile (8 warps per block).
+constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3}, {4, 2, 4, 1, 3}, {8, 1, 4, 1, 3}, {4, 1, 4, 2, 2}};
 constexpr int kNumBatchedVariants = sizeof(kBatchedVariants) / sizeof(kBatchedVariants[0]);
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 
@@ -53,11 +50,6 @@ __device__ __forceinline__ void zero_operands(uint32_t word, uint32_t& zsub, uin
 }
 
 __device__ __forceinline__ float meta_scale_of(uint32_t word) { return __uint_as_float(word & ~0xFu); }
-
-__device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
-  const half2 r = __hmul2(*reinterpret_cast<const half2*>(&a), *reinterpret_cast<const half2*>(&b));
-  return *reinterpret_cast<const uint32_t*>(&r);
-}
 
 // Row stride of the partial-sum buffer in floats: MT + 8 keeps the float2 stores of store_partials conflict-free.
 template <int MT>
@@ -83,11 +75,7 @@ constexpr int batched_smem_units() {
   return x_units > red_units ? x_units : red_units;
 }
 
-// HS: the expanded codes (u - z) multiplied by the group scale in fp16 (one HMUL2 per pair) before the mma, so the fp32
-// accumulators take the products directly (no per-round partials and fp32 scaling: 32 registers fewer at 32 tokens x 2
-// tiles). The weights then pass through fp16 as in the dequantise + cuBLAS path (there rounded once, here the scale is
-// rounded to fp16 first): ~2^-11 relative per weight instead of exact (u - z) with an fp32 scale.
-template <int NTG, int TW, int WR, int WK, int MINB, bool HS>
+template <int NTG, int TW, int WR, int WK, int MINB>
 __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
     const half* __restrict__ bias, half* __restrict__ out, int M, int N, int K, int G, int kpg) {
@@ -176,60 +164,40 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
     stage(r + kXStages - 1);
     if (active) {
       const uint4* xw = smem + (r % kXStages) * WK * XU + wk * XU;
-      uint32_t za[TW], zb[TW], fa[TW], fb[TW], sa2[TW], sb2[TW];
+      float part[TW][NTG][4];
+#pragma unroll
+      for (int tt = 0; tt < TW; ++tt)
+#pragma unroll
+        for (int ng = 0; ng < NTG; ++ng)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[tt][ng][e] = 0.f;
+      uint32_t za[TW], zb[TW], fa[TW], fb[TW];
 #pragma unroll
       for (int tt = 0; tt < TW; ++tt) {
         zero_operands(cm[tt].x, za[tt], fa[tt]);
         zero_operands(cm[tt].y, zb[tt], fb[tt]);
-        if constexpr (HS) {
-          const half2 s2a = __float2half2_rn(meta_scale_of(cm[tt].x)), s2b = __float2half2_rn(meta_scale_of(cm[tt].y));
-          sa2[tt] = *reinterpret_cast<const uint32_t*>(&s2a);
-          sb2[tt] = *reinterpret_cast<const uint32_t*>(&s2b);
-        }
       }
-      // the round's products into d: acc itself (HS: the codes scaled in fp16 first) or the fp32 partials
-      auto products = [&](float (&d)[TW][NTG][4]) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          uint32_t pa[TW][4], pb[TW][4];
+      for (int q = 0; q < 4; ++q) {
+        uint32_t pa[TW][4], pb[TW][4];
+#pragma unroll
+        for (int tt = 0; tt < TW; ++tt) {
+          w4::dq_word4(reinterpret_cast<const uint32_t*>(&ca[tt])[q], za[tt], fa[tt], pa[tt]);
+          w4::dq_word4(reinterpret_cast<const uint32_t*>(&cb[tt])[q], zb[tt], fb[tt], pb[tt]);
+        }
+#pragma unroll
+        for (int ng = 0; ng < NTG; ++ng) {
+          const uint4 f = w4::x_frag_words(xw[(q * MT + ng * 8 + g) * 4 + t]);
 #pragma unroll
           for (int tt = 0; tt < TW; ++tt) {
-            w4::dq_word4(reinterpret_cast<const uint32_t*>(&ca[tt])[q], za[tt], fa[tt], pa[tt]);
-            w4::dq_word4(reinterpret_cast<const uint32_t*>(&cb[tt])[q], zb[tt], fb[tt], pb[tt]);
-            if constexpr (HS) {
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                pa[tt][i] = hmul2_u32(pa[tt][i], sa2[tt]);
-                pb[tt][i] = hmul2_u32(pb[tt][i], sb2[tt]);
-              }
-            }
-          }
-#pragma unroll
-          for (int ng = 0; ng < NTG; ++ng) {
-            const uint4 f = w4::x_frag_words(xw[(q * MT + ng * 8 + g) * 4 + t]);
-#pragma unroll
-            for (int tt = 0; tt < TW; ++tt) {
-              w4::mma_f16(d[tt][ng], pa[tt][0], pb[tt][0], pa[tt][1], pb[tt][1], f.x, f.y);
-              w4::mma_f16(d[tt][ng], pa[tt][2], pb[tt][2], pa[tt][3], pb[tt][3], f.z, f.w);
-            }
+            w4::mma_f16(part[tt][ng], pa[tt][0], pb[tt][0], pa[tt][1], pb[tt][1], f.x, f.y);
+            w4::mma_f16(part[tt][ng], pa[tt][2], pb[tt][2], pa[tt][3], pb[tt][3], f.z, f.w);
           }
         }
-      };
-      if constexpr (HS) {
-        products(acc);
-      } else {
-        float part[TW][NTG][4];
-#pragma unroll
-        for (int tt = 0; tt < TW; ++tt)
-#pragma unroll
-          for (int ng = 0; ng < NTG; ++ng)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) part[tt][ng][e] = 0.f;
-        products(part);
-#pragma unroll
-        for (int tt = 0; tt < TW; ++tt)
-          w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
       }
+#pragma unroll
+      for (int tt = 0; tt < TW; ++tt)
+        w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
     }
   }
   cp_async_wait_pending<0>();
@@ -280,7 +248,7 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
   cluster.sync();  // no block leaves while another still reads its shared memory
 }
 
-template <int NTG, int TW, int WR, int WK, int MINB, bool HS = false>
+template <int NTG, int TW, int WR, int WK, int MINB>
 void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                     const half* bias, half* out, int M, int N, int K, int group_size) {
   constexpr int MT = NTG * 8, RB = WR * TW * 16;
@@ -307,7 +275,7 @@ void launch_batched(int splits, int sms, cudaStream_t stream, const half* x, con
   la[0].val.clusterDim.z = 1;
   cfg.attrs = la;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_batched_kernel<NTG, TW, WR, WK, MINB, HS>, x, qt, meta, bias, out, M, N,
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, w4a16_batched_kernel<NTG, TW, WR, WK, MINB>, x, qt, meta, bias, out, M, N,
                                     K, K / group_size, group_size / 128));
 }
 
@@ -350,9 +318,7 @@ at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, co
     case 0: launch_batched<4, 2, 2, 2, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
     case 1: launch_batched<4, 2, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
     case 2: launch_batched<8, 1, 4, 1, 3>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
-    case 3: launch_batched<4, 1, 4, 2, 2>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
-    case 4: launch_batched<4, 2, 4, 1, 4, true>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs); break;
-    default: launch_batched<4, 2, 4, 1, 5, true>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs);
+    default: launch_batched<4, 1, 4, 2, 2>(s, sms, stream, xp, qp, mp, bp, op, m, nn, k, gs);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

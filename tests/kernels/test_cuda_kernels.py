@@ -448,7 +448,7 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
         ext.w4a16_gemm_packed_tiled(x.to(DEV), qw.to(DEV) if n % 16 else qw[:-1].to(DEV), meta, group, None, n, 0)
 
 
-@pytest.mark.parametrize("variant", [-1, 0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("variant", [-1, 0, 1, 2, 3])
 @pytest.mark.parametrize("tokens", [17, 32, 40, 64, 100, 257])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
@@ -458,7 +458,7 @@ def test_w4a16_batched(variant: int, tokens: int, k: int, n: int, group: int) ->
     clamped, N not a multiple of 16), K = 11008 (86 128-k blocks split unevenly across the cluster), groups of several
     128-k blocks; the output poisoned beforehand."""
     ext = kernels._ext.extension()
-    assert int(ext.w4a16_batched_num_variants()) == 6
+    assert int(ext.w4a16_batched_num_variants()) == 4
     gen = torch.Generator().manual_seed(variant * 13 + tokens + k + n + group)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
     meta = reference.pack_w4_meta(scale, zero).to(DEV)
@@ -469,7 +469,7 @@ def test_w4a16_batched(variant: int, tokens: int, k: int, n: int, group: int) ->
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("variant", [0, 2, 4])
+@pytest.mark.parametrize("variant", [1, 2])
 def test_w4a16_batched_cluster_splits(splits: int, variant: int) -> None:
     """Every cluster size the host may pick (1..8 blocks splitting K, also odd ones and more splits than a warp's share
     of 128-k blocks) gives the reference result, without bias too; bad arguments are refused."""
@@ -488,7 +488,7 @@ def test_w4a16_batched_cluster_splits(splits: int, variant: int) -> None:
     with pytest.raises(RuntimeError, match="pack_w4_tiled"):
         ext.w4a16_gemm_batched(x.to(DEV), tiled[:-16], meta, group, None, n, variant, splits)
     with pytest.raises(RuntimeError, match="variant"):
-        ext.w4a16_gemm_batched(x.to(DEV), tiled, meta, group, None, n, 6, splits)
+        ext.w4a16_gemm_batched(x.to(DEV), tiled, meta, group, None, n, 4, splits)
 
 
 def test_w4a16_dispatch_batched_tokens_in_graph() -> None:
