@@ -112,29 +112,24 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
   // round r: warp wk takes 128-k block kb_begin + r * WK + wk; the block stages those WK blocks' activations for MT
   // tokens (tokens past M copy the last token: their outputs are never stored, an mma's columns are independent).
   // Each thread copies the same units every round: their sources (from k = 0) and shared offsets are set up once.
-  // Copy i (of WK * XU per round) takes t = bits 0-1, the token's low bit = bit 2, q = bits 3-4, the token's other bits
-  // and the k warp j above: a warp copies two whole 256-byte activation rows (v13f's order, t and token first, took 16
-  // bytes of every 64 per instruction: ncu counted 32% excess sectors), and each 8-lane phase writes 128 contiguous
-  // shared bytes (tokens 2 apart, t 0..3).
   constexpr int kUnitsPerThread = (WK * XU + NTHREADS - 1) / NTHREADS;
   uint32_t src_off[kUnitsPerThread];  // in halves, from x
-  uint32_t dst_unit[kUnitsPerThread]; // unit within the stage (j * XU + fragment order); ~0u past the last copy
+  int unit_j[kUnitsPerThread];        // the unit's 128-k block within the round (WK: none, past the last unit)
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(smem);
 #pragma unroll
   for (int p = 0; p < kUnitsPerThread; ++p) {
     const int i = (int)threadIdx.x + p * NTHREADS;
-    const int t4 = i & 3, q = (i >> 3) & 3, tok_all = ((i >> 5) << 1) | ((i >> 2) & 1);
-    const int tok = tok_all % MT, j = tok_all / MT;
-    dst_unit[p] = i < WK * XU ? (uint32_t)(j * XU + (q * MT + tok) * 4 + t4) : ~0u;
-    src_off[p] = (uint32_t)min(m0 + tok, M - 1) * (uint32_t)K + 32u * t4 + 8u * q;
+    const int j = i / XU, u = i % XU, tq = u >> 2, tok = tq % MT, q = tq / MT;
+    unit_j[p] = i < WK * XU ? j : WK;
+    src_off[p] = (uint32_t)min(m0 + tok, M - 1) * (uint32_t)K + 32u * (u & 3) + 8u * q;
   }
   auto stage = [&](int r) {
     const uint32_t buf = xs_base + (uint32_t)((r % kXStages) * WK * XU * 16);
 #pragma unroll
     for (int p = 0; p < kUnitsPerThread; ++p) {
-      const int kb = kb_begin + r * WK + (int)(dst_unit[p] / XU);
-      if (dst_unit[p] != ~0u && kb < kb_end)
-        cp_async16(buf + 16u * dst_unit[p], x + src_off[p] + (size_t)kb * 128);
+      const int kb = kb_begin + r * WK + unit_j[p];
+      if (unit_j[p] < WK && kb < kb_end)
+        cp_async16(buf + 16u * ((uint32_t)threadIdx.x + p * NTHREADS), x + src_off[p] + (size_t)kb * 128);
     }
     cp_async_commit();  // (an empty group where nothing was copied: the waits below count groups)
   };
