@@ -1,19 +1,21 @@
-// W4A16 GEMM for batched decode and short prefills (17..128 tokens as dispatched): int4 codes in the decode kernels' tiled order
-// (reference.pack_w4_tiled) with packed per-group metadata words (reference.pack_w4_meta), fp16 activations, fp16 out.
+// W4A16 GEMM for batched decode and short prefills (dispatched at 17..128 tokens): int4 codes in the decode kernels'
+// tiled order (reference.pack_w4_tiled) with packed per-group metadata words (reference.pack_w4_meta), fp16
+// activations, fp16 out.
 //
 // Why a third W4A16 kernel: the decode kernels (w4a16_packed.cu) give each 16-row tile its own block and read the
 // activations of at most 16 tokens per lane straight from global memory; past 16 tokens the dispatcher used to
-// dequantise the whole matrix to fp16 and call cuBLAS, which writes and reads 2 bytes per weight and so runs at about
-// half the speed of fp16 itself while the GEMM is memory-bound (tens to a few hundred tokens).
+// dequantise the whole matrix to fp16 and call cuBLAS, which writes and reads 2 bytes per weight and ran at 0.29-0.39x
+// of fp16 itself at 32-128 tokens (H200 run v13f), where the GEMM is memory-bound.
 //
 // Work split: a block owns RB = WR * TW * 16 output rows (WR row warps of TW tiles each) and MT = 8 * NTG tokens
 // (grid.z walks token tiles), and one slice of K: the CS blocks of a thread-block cluster (grid.y, cluster dims
-// (1, CS, 1)) split the 128-k blocks between them, and within a block WK warps split the slice again. Each warp keeps
-// TW tiles x MT tokens of fp32 accumulators; the activation fragments it reads (16 bytes per lane, token group and
-// 32-k slice, through the read-only cache) feed all TW tiles, and the WR row warps of a block read the same bytes
-// (L1 hits). The partial sums meet in shared memory (WK warps) and then across the cluster through distributed
-// shared memory: block rank r of the cluster sums its share of the RB x MT outputs over every block's partials, adds
-// the bias and stores fp16. No global workspace, atomics or second launch.
+// (1, CS, 1)) split the 128-k blocks between them, and within a block WK warps split the slice again (a round: each k
+// warp one 128-k block). Each round's activations are copied by cp.async into a ring of kXStages shared stages in
+// fragment order, so a warp's 16-byte loads of one token group read 512 contiguous bytes; every warp prefetches its
+// next round's codes and metadata words into registers. Each warp keeps TW tiles x MT tokens of fp32 accumulators;
+// the activation fragments it reads feed all TW tiles. The partial sums meet in shared memory (WK warps) and then
+// across the cluster through distributed shared memory: block rank r of the cluster sums its share of the RB x MT
+// outputs over every block's sums, adds the bias and stores fp16. No global workspace, atomics or second launch.
 //
 // Math per 128-k block and tile as in the decode kernels (w4a16_common.cuh): codes expanded by dq_word4 to exact
 // (u - z) in fp16, m16n8k16 products in fp32, the group scale applied in fp32 per 128-k block.
