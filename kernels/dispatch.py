@@ -49,9 +49,9 @@ if TYPE_CHECKING:
 FP_BITS = 16
 GEMV_MAX_TOKENS = 16
 # W4A16 from GEMV_MAX_TOKENS + 1 up to this many tokens: the batched GEMM over tiled codes (kernels/csrc/w4a16_batched.cu);
-# more: dequantisation + cuBLAS fp16. H200 run v13c: at 128 tokens the batched GEMM was the faster on all three 7B shapes
-# (29.6 / 77.9 / 66.9 us vs 37.8 / 89.4 / 92.9), at 256 the slower (55.5 / 133.6 / 128.8 vs 39.5 / 95.6 / 100.3): its
-# mma.sync products run out of issue slots where cuBLAS's wgmma does not.
+# more: dequantisation + cuBLAS fp16. H200 run v13f (the final kernel): at 128 tokens the batched GEMM was the faster on
+# all three 7B shapes (29.9 / 78.5 / 67.2 us vs 38.3 / 89.6 / 92.9), at 256 the slower (56.2 / 145.0 / 129.5 vs
+# 39.8 / 95.6 / 100.5; v13c alike).
 W4A16_BATCHED_MAX_TOKENS = 128
 SM90_GEMM_MIN_TOKENS = {8: 1, 4: 64}  # by weight bits: tokens from which W8A8 / W4A8 take the Hopper wgmma
 # GEMM (when built with it). W4A8 unpacks its int4 codes per call (26 us for 4096x11008 on the H100), which
@@ -325,17 +325,14 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
             meta, stable = _packed_w4_meta(layer)  # the codes were just written: stamped again, not stable
         pdl = stable and w4a16_pdl_enabled()  # the extension only: when the weights are those of the last call
         n = layer.out_features
-        if meta is not None and tiled and not decode:
-            if k is ops:
+        if meta is not None and tiled:
+            if k is ops:  # (the op itself takes any number of rows)
                 out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
+            elif decode:
+                v = tiled_decode_variant(n, tokens, _sm_count(x2.device.index or 0), pdl)
+                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, v)
             else:
                 out = k.w4a16_gemm_batched(x2, layer.qweight, meta, layer.group_size, bias, n)
-        elif meta is not None and tiled:
-            if k is ops:
-                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
-            else:
-                v = tiled_decode_variant(n, x2.shape[0], _sm_count(x2.device.index or 0), pdl)
-                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, v)
         elif meta is not None and decode and k is ops:
             out = k.w4a16_gemm_packed(x2, layer.qweight, meta, layer.group_size, bias)
         elif meta is not None and decode:
