@@ -56,6 +56,35 @@ def bench(fns: list[Callable[[], object]], iters: int = 40, reps: int = 9) -> fl
     return statistics.median(times)
 
 
+def bench_interleaved(fn_lists: list[list[Callable[[], object]]], iters: int = 40, rounds: int = 9) -> list[float]:
+    """Median microseconds per call of each of ``fn_lists`` (as :func:`bench`), their graph replays alternated round by
+    round, so that clock and power drift over a long run weigh on all of them alike."""
+    graphs = []
+    for fns in fn_lists:
+        for _ in range(3):
+            for f in fns:
+                f()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(iters):
+                fns[i % len(fns)]()
+        g.replay()
+        graphs.append(g)
+    torch.cuda.synchronize()
+    times: list[list[float]] = [[] for _ in graphs]
+    for _ in range(rounds):
+        for g, t in zip(graphs, times):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            e.synchronize()
+            t.append(s.elapsed_time(e) * 1e3 / iters)
+    del graphs
+    return [statistics.median(t) for t in times]
+
+
 def copies(nbytes: int) -> int:
     return max(1, min(16, -(-L2_DEFEAT_BYTES // max(nbytes, 1))))
 
@@ -197,7 +226,7 @@ def add_w4a16_batched_rows(ext, w4: list, tiled: list, xs4: list, group: int, n:
     flops = 2.0 * m * n * k
     metas = [reference.pack_w4_meta(q[1], q[2]) for q in w4]
     nbytes = n * k / 2 + 4 * metas[0].numel() + m * k * 2 + m * n * 2
-    dispatched = " (dispatched)" if m <= dispatch.W4A16_BATCHED_MAX_TOKENS else ""
+    dispatched = " (dispatched)" if m <= dispatch.W4A16_BATCHED_MAX_TOKENS and not sm90_dispatched(ext, n, k) else ""
     cases = [(-1, -1, "default" + dispatched)]
     cases += [(v, -1, f"variant {v}: {label}") for v, label in enumerate(W4A16_BATCHED_VARIANTS)]
     cases += [(1, s, f"variant 1, {s} cluster splits") for s in (1, 2, 4, 8)]
@@ -205,6 +234,40 @@ def add_w4a16_batched_rows(ext, w4: list, tiled: list, xs4: list, group: int, n:
         t = bench([lambda qt=qt, mt=mt, x=x, v=v, s=splits: ext.w4a16_gemm_batched(x, qt, mt, group, None, n, v, s)
                    for qt, mt, x in zip(tiled, metas, xs4)])
         add(f"W4A16 batched GEMM (qaas, {label})", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+
+
+# kernels/csrc/w4a16_sm90.cuh configurations: weight rows x tokens x k per tile (codes reordered by w4a16_sm90_reorder)
+W4A16_SM90_CONFIGS = ["128x32x64", "128x64x64", "128x128x64", "128x256x64", "128x32x128", "128x64x128", "128x128x128"]
+
+
+def sm90_dispatched(ext, n: int, k: int) -> bool:
+    """Whether ``kernels.dispatch`` runs a W4A16 layer of this shape (groups of 128) past decode on the Hopper GEMM."""
+    return int(ext.w4a16_sm90_num_configs()) > 0 and dispatch.w4a16_sm90_enabled() and n % 16 == 0 and k % 128 == 0
+
+
+def add_w4a16_sm90_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, m: int, t_fp16: float,
+                        add: Callable[..., None], fp16_fns: list[Callable[[], object]]) -> None:
+    """Rows of the Hopper W4A16 GEMM (``w4a16_gemm_sm90``: CUTLASS mixed-input wgmma, stream-K scheduler): its default
+    for ``m`` tokens, every configuration under CUTLASS's decomposition heuristic, and the default configuration
+    data-parallel and split into 2 / 4 / 8 K slices."""
+    flops = 2.0 * m * n * k
+    ops4 = [reference.w4a16_sm90_operands(q[1], q[2]) for q in w4]
+    reordered = [ext.w4a16_sm90_reorder(q[0]) for q in w4]
+    nbytes = n * k / 2 + 2 * 2 * n * (k // group) + m * k * 2 + m * n * 2
+    cases = [(-1, -1, "default (dispatched)" if m > dispatch.GEMV_MAX_TOKENS else "default")]
+    cases += [(c, -1, f"cfg {c} {label}") for c, label in enumerate(W4A16_SM90_CONFIGS)]
+    cases += [(-1, s, f"default, {'data-parallel' if s == 1 else f'split-K {s}'}") for s in (1, 2, 4, 8)]
+    for cfg, splits, label in cases:
+        t = bench([lambda c=c, o=o, x=x, cfg=cfg, s=splits: ext.w4a16_gemm_sm90(x, c, o[0], o[1], group, None, cfg, s)
+                   for c, o, x in zip(reordered, ops4, xs4)])
+        add(f"W4A16 wgmma GEMM (qaas sm90, {label})", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
+    # the default against fp16 cuBLAS once more, replays alternated (the rows above run one after the other over
+    # minutes, and at compute-bound sizes the GPU's clocks drift between the first and the last of them)
+    t16, t = bench_interleaved([fp16_fns, [lambda c=c, o=o, x=x: ext.w4a16_gemm_sm90(x, c, o[0], o[1], group, None)
+                                           for c, o, x in zip(reordered, ops4, xs4)]])
+    add(f"W4A16 wgmma GEMM (qaas sm90, default, interleaved with fp16 cuBLAS at {t16:.1f} us)", t, nbytes, flops,
+        PEAK_FP16_TFLOPS, t16, fp16_interleaved_us=t16)
+    del reordered
 
 
 def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections: set[str]) -> list[dict]:
@@ -231,10 +294,9 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
     nc = copies(n * k * 2)
     ws = [(randn(n, k) / k**0.5).half() for _ in range(nc)]
     xs = [randn(m, k).half() for _ in range(nc)]
-    t_fp16 = bench([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)])
+    fp16_fns = [lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)]
+    t_fp16 = bench(fp16_fns)
     add("fp16 cuBLAS (F.linear)", t_fp16, n * k * 2 + m * k * 2 + m * n * 2, flops, PEAK_FP16_TFLOPS)
-    del ws
-    torch.cuda.empty_cache()
     ext = kernels._ext.extension()
 
     # W4A16 ----------------------------------------------------------------------------------------
@@ -261,12 +323,16 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
                 t = bench([lambda qt=qt, q=q, x=x: F.linear(x, ext.dequant_w4(qt, q[1], q[2], group, True))
                            for qt, q, x in zip(tiled, w4, xs4)])
                 add("W4A16 dequant+cuBLAS (qaas, tiled codes)"
-                    + (" (dispatched)" if m > dispatch.W4A16_BATCHED_MAX_TOKENS else ""), t, w4_bytes, flops,
+                    + (" (dispatched)" if m > dispatch.W4A16_BATCHED_MAX_TOKENS and not sm90_dispatched(ext, n, k)
+                       else ""), t, w4_bytes, flops,
                     PEAK_FP16_TFLOPS, t_fp16)
                 add_w4a16_batched_rows(ext, w4, tiled, xs4, group, n, k, m, t_fp16, add)
                 del tiled
+        if sm90_dispatched(ext, n, k):
+            add_w4a16_sm90_rows(ext, w4, xs4, group, n, k, m, t_fp16, add, fp16_fns)
         del w4
-        torch.cuda.empty_cache()
+    del ws, fp16_fns
+    torch.cuda.empty_cache()
 
     clip = torch.tensor(0.95, device=dev)
     transforms = transform_cases(k, gen)[1:]

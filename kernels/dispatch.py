@@ -9,9 +9,12 @@ Paths (fp16 activations):
   ``QAAS_W4A16_PDL=0`` turns that off), else ``qaas::w4a16_gemm``. Where N is also a multiple of 16, the first call
   of at most ``W4A16_BATCHED_MAX_TOKENS`` tokens puts the layer's codes into the kernels' tiled order in place
   (``QuantLinear.tile_codes``: whole 128-byte lines per load, H200 run v11b); then ``qaas::w4a16_gemm_packed_tiled``
-  runs at <= 16 tokens and the extension's ``w4a16_gemm_batched`` (tensor-core GEMM, K split across a thread-block
-  cluster) up to ``W4A16_BATCHED_MAX_TOKENS``. More tokens: ``qaas::dequant_w4`` (of the tiled codes:
-  ``qaas::dequant_w4_tiled``) + cuBLAS fp16.
+  runs at <= 16 tokens. Past 16 tokens, on an extension built with CUTLASS: the extension's ``w4a16_gemm_sm90``
+  (Hopper wgmma, CUTLASS's mixed-input collective under its stream-K scheduler) over a second copy of the codes in its
+  own order (``w4a16_sm90_reorder``) with fp16 scales and zero terms, where N is a multiple of 16 and the groups of a
+  multiple of 128 (``QAAS_W4A16_SM90=0`` turns it off, and with it the second copy). Otherwise the extension's
+  ``w4a16_gemm_batched`` (mma.sync GEMM, K split across a thread-block cluster) up to ``W4A16_BATCHED_MAX_TOKENS``,
+  and more tokens: ``qaas::dequant_w4`` (of the tiled codes: ``qaas::dequant_w4_tiled``) + cuBLAS fp16.
 - **W8A8 / W4A8 / W4A4** (symmetric per-channel weights of 8 or 4 bits, symmetric per-token activations
   of 8 or 4 bits): ``qaas::act_quant`` (online transform fused with the activation quantization; the
   transform's factors staged once per layer by ``act_quant_fragments``) ->
@@ -277,6 +280,44 @@ def w4a16_pdl_enabled() -> bool:
     return os.environ.get("QAAS_W4A16_PDL", "1") != "0"
 
 
+def w4a16_sm90_enabled() -> bool:
+    """The Hopper wgmma W4A16 GEMM past ``GEMV_MAX_TOKENS`` tokens (environment ``QAAS_W4A16_SM90``, default on; ``0``
+    turns it off and with it the layer's second copy of its codes, see :func:`_sm90_w4_operands`)."""
+    return os.environ.get("QAAS_W4A16_SM90", "1") != "0"
+
+
+def _sm90_w4_operands(layer: "QuantLinear", k: Any, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The operands of the extension's Hopper W4A16 GEMM (``w4a16_gemm_sm90``) for this layer: its codes reordered
+    (``w4a16_sm90_reorder`` of the row-order codes: a second copy of the codes next to the decode kernels' tiled
+    ``qweight``, half a byte per weight) and the fp16 scale and zero term ``[G, N]`` (``reference.w4a16_sm90_operands``),
+    each built once per layer and rebuilt when its sources change. None where the GEMM does not apply: the extension
+    without it, ``QAAS_W4A16_SM90=0``, a shape it does not take (N a multiple of 16, groups of a multiple of 128 dividing
+    K), scales whose fp16 rounding is not finite, or during CUDA-graph capture before the operands exist (they are
+    never built inside a capture: a replay would rebuild them every time)."""
+    if k is ops or not w4a16_sm90_enabled() or int(k.w4a16_sm90_num_configs()) == 0:
+        return None
+    if layer.out_features % 16 or layer.group_size % 128 or layer.in_features % layer.group_size:
+        return None
+    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    codes_key, terms_key = _stamp(layer.qweight), _stamp(layer.w_scale, layer.w_zero)
+    codes_hit, terms_hit = cache.get("w4_sm90_codes"), cache.get("w4_sm90_terms")
+    fresh = codes_hit is not None and codes_hit[0] == codes_key and terms_hit is not None and terms_hit[0] == terms_key
+    if not fresh and _capturing(x2):
+        return None
+
+    def terms(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        s16, z16 = reference.w4a16_sm90_operands(scale, zero)
+        ok = bool(torch.isfinite(s16).all() and torch.isfinite(z16).all() and torch.isfinite(s16.float() * 15).all()
+                  and (s16.float() * 15).abs().max() < 65504)
+        return (s16, z16) if ok else None
+
+    st = _derived_pair(layer, "w4_sm90_terms", layer.w_scale, layer.w_zero, terms)
+    if st is None:
+        return None
+    codes = _derived(layer, "w4_sm90_codes", layer.qweight, lambda q: k.w4a16_sm90_reorder(layer.packed_codes().contiguous()))
+    return codes, st[0], st[1]
+
+
 def _bias(layer: "QuantLinear") -> torch.Tensor | None:
     if layer.bias is None:
         return None
@@ -315,6 +356,10 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     if plan.path == "w4a16":
         tokens = x2.shape[0]
         decode = tokens <= GEMV_MAX_TOKENS
+        sm90 = None if decode else _sm90_w4_operands(layer, k, x2)
+        if sm90 is not None:  # past decode: the Hopper wgmma GEMM (its own copy of the codes)
+            out = k.w4a16_gemm_sm90(x2, sm90[0], sm90[1], sm90[2], layer.group_size, bias, -1, -1)
+            return out.reshape(*lead, layer.out_features)
         packed = tokens <= W4A16_BATCHED_MAX_TOKENS  # the packed-metadata kernels: decode, then the batched GEMM
         meta, stable = _packed_w4_meta(layer) if packed else (None, False)
         tiled = layer.codes_tiled

@@ -138,6 +138,29 @@ def w4a16_gemm_ref(
     return out.to(x.dtype)
 
 
+def w4a16_sm90_operands(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``scale`` and integer ``zero`` ``[N, G]`` -> the Hopper W4A16 GEMM's fp16 ``(scale, zero term)``
+    ``[G, N]``: the scale rounded to fp16 and ``-zero * scale`` computed from that rounded scale, so that a code equal
+    to its zero point dequantises to exactly 0 (``kernels/csrc/w4a16_sm90.cuh``: ``w = u * scale + zero term``)."""
+    s16 = scale.detach().to(torch.float16)
+    z16 = (-(zero.detach().float() * s16.float())).to(torch.float16)
+    return s16.t().contiguous(), z16.t().contiguous()
+
+
+def w4a16_gemm_sm90_ref(x: torch.Tensor, qweight: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+                        group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Reference of ``qaas::w4a16_gemm_sm90``: codes ``[N, K/2]`` in row order, fp16 ``scale_t`` / ``zero_t``
+    ``[G, N]`` (:func:`w4a16_sm90_operands`); the weight ``u * scale + zero term`` in fp32, products in fp32."""
+    u = unpack_int4(qweight).float()
+    n, k = u.shape
+    s = scale_t.float().t().repeat_interleave(group_size, dim=1)
+    z = zero_t.float().t().repeat_interleave(group_size, dim=1)
+    out = x.float() @ (u * s + z).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
 W4_META_ZERO_BITS = 0xF  # low mantissa bits of a packed metadata word that carry the zero point
 
 

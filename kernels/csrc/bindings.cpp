@@ -28,6 +28,11 @@ at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, co
                                    int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
                                    int64_t variant, int64_t splits);
 int64_t w4a16_batched_num_variants();
+at::Tensor w4a16_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                                const at::Tensor& zero, int64_t group_size, const c10::optional<at::Tensor>& bias,
+                                int64_t config, int64_t splits);
+at::Tensor w4a16_sm90_reorder_cuda(const at::Tensor& codes);
+int64_t w4a16_sm90_num_configs();
 at::Tensor memory_probe_cuda(const at::Tensor& src, int64_t mode);
 at::Tensor dequant_w4_cuda(const at::Tensor& qw, const at::Tensor& scale, const at::Tensor& zero, int64_t group_size,
                            bool tiled);
@@ -81,6 +86,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("qt"), pybind11::arg("meta"), pybind11::arg("group_size"),
         pybind11::arg("bias"), pybind11::arg("n"), pybind11::arg("variant") = -1, pybind11::arg("splits") = -1);
   m.def("w4a16_batched_num_variants", &qaas::w4a16_batched_num_variants, "number of batched W4A16 GEMM variants");
+  m.def("w4a16_gemm_sm90", &qaas::w4a16_gemm_sm90_cuda,
+        "int4 weight x fp16 activation GEMM on Hopper wgmma (CUTLASS mixed-input collective, stream-K scheduler): "
+        "codes [N, K/2] reordered by w4a16_sm90_reorder, fp16 scale "
+        "and zero term [G, N]; config -1: by M; splits -1 heuristic, 1 data-parallel, > 1 split-K",
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("group_size"), py::arg("bias"),
+        py::arg("config") = -1, py::arg("splits") = -1);
+  m.def("w4a16_sm90_reorder", &qaas::w4a16_sm90_reorder_cuda,
+        "int4 codes [N, K/2] in row order -> the reordered layout of the sm90 W4A16 GEMM");
+  m.def("w4a16_sm90_num_configs", &qaas::w4a16_sm90_num_configs, "number of sm90 W4A16 GEMM configurations (0 without CUTLASS)");
   m.def("memory_probe", &qaas::memory_probe_cuda,
         "benchmark probe: empty kernel (0) or a read of the whole buffer with every load in flight (1 one pass, 2 persistent)");
   m.def("dequant_w4", &qaas::dequant_w4_cuda,

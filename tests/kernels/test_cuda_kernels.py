@@ -491,10 +491,55 @@ def test_w4a16_batched_cluster_splits(splits: int, variant: int) -> None:
         ext.w4a16_gemm_batched(x.to(DEV), tiled, meta, group, None, n, 4, splits)
 
 
-def test_w4a16_dispatch_batched_tokens_in_graph() -> None:
-    """QuantLinear at 17..W4A16_BATCHED_MAX_TOKENS tokens: the first call tiles the codes and runs the batched GEMM
-    (equal to the torch.ops path and to the float32 reference), also replayed from a CUDA graph (cluster launches
-    captured); past the limit the dequantise + cuBLAS path reads the same tiled codes."""
+def test_w4a16_dispatch_sm90_past_decode_in_graph() -> None:
+    """QuantLinear past 16 tokens on the Hopper wgmma GEMM: its operands built once (reordered codes, fp16 scale and
+    zero term), the output exactly the extension call's and within the float32 reference's bound at 24 .. 2048 tokens;
+    after a decode call tiles qweight in place the reordered codes are rebuilt from the rows; a CUDA graph replay
+    equals the eager call."""
+    ext = kernels._ext.extension()
+    k, n = 2048, 1024
+    layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
+    for tokens in (24, 128, 129, 2048):
+        x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
+        out = layer(x)
+        assert rel_err(out, layer.reference_forward(x.float())) < 3e-3
+        codes, s16, z16 = dispatch._sm90_w4_operands(layer, ext, x)
+        assert torch.equal(out, ext.w4a16_gemm_sm90(x, codes, s16, z16, 128, dispatch._bias(layer), -1, -1))
+    assert not layer.codes_tiled  # the decode kernels' order is made by a decode call, not by the GEMM
+    first_codes = dispatch._sm90_w4_operands(layer, ext, x)[0]
+    layer(torch.randn(1, k, device=DEV, dtype=torch.float16))
+    assert layer.codes_tiled
+    x = torch.randn(40, k, device=DEV, dtype=torch.float16)
+    eager = layer(x)
+    assert rel_err(eager, layer.reference_forward(x.float())) < 3e-3
+    assert torch.equal(dispatch._sm90_w4_operands(layer, ext, x)[0], first_codes)  # rebuilt from the same rows
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+def test_w4a16_dispatch_sm90_falls_back_where_fp16_scales_overflow() -> None:
+    """Scales whose fp16 rounding (times the largest code) is not finite keep the layer off the Hopper GEMM: the
+    batched GEMM runs instead, still equal to the reference."""
+    k, n = 1024, 256
+    layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
+    with torch.no_grad():
+        layer.w_scale[0, 0] = 5000.0  # 15 * 5000 past the fp16 range
+    x = torch.randn(32, k, device=DEV, dtype=torch.float16) * 1e-3
+    assert dispatch._sm90_w4_operands(layer, kernels._ext.extension(), x) is None
+    out = layer(x)
+    assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
+
+
+def test_w4a16_dispatch_batched_tokens_in_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the Hopper GEMM (QAAS_W4A16_SM90=0), QuantLinear at 17..W4A16_BATCHED_MAX_TOKENS tokens: the first call
+    tiles the codes and runs the batched GEMM (equal to the torch.ops path and to the float32 reference), also replayed
+    from a CUDA graph (cluster launches captured); past the limit the dequantise + cuBLAS path reads the same tiled
+    codes."""
+    monkeypatch.setenv("QAAS_W4A16_SM90", "0")
     k, n = 2048, 1024
     layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
     for tokens in (24, dispatch.W4A16_BATCHED_MAX_TOKENS, dispatch.W4A16_BATCHED_MAX_TOKENS + 1):

@@ -227,6 +227,23 @@ def test_dequant_and_w4a16_ref_match_quantized_weight() -> None:
     assert rel_err(out, x @ w.t() + layer.bias) < 1e-3
 
 
+def test_w4a16_sm90_operands_and_reference() -> None:
+    """The Hopper W4A16 GEMM's operands: fp16 scale and zero term [G, N] from the layer's per-group scale / zero point,
+    a code equal to its zero point dequantising to exactly 0, and its reference within the fp16 rounding of the scale
+    of the exact W4A16 reference."""
+    layer = make_layer(256, 48, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    s16, z16 = reference.w4a16_sm90_operands(layer.w_scale, layer.w_zero)
+    assert s16.shape == z16.shape == (2, 48) and s16.dtype == z16.dtype == torch.float16
+    assert s16.is_contiguous() and z16.is_contiguous()
+    zero_codes = layer.w_zero.t().float()  # (u = z) * scale + zero term == 0 exactly, in fp16 arithmetic
+    assert torch.equal((zero_codes.half() * s16 + z16).float(), torch.zeros_like(zero_codes))
+    x = torch.randn(5, 256).half()
+    bias = layer.bias.half()
+    exact = reference.w4a16_gemm_ref(x.double(), layer.qweight, layer.w_scale, layer.w_zero, 128, bias)
+    ref = reference.w4a16_gemm_sm90_ref(x.double(), layer.qweight, s16, z16, 128, bias)
+    assert ref.shape == (5, 48) and 0 < rel_err(ref, exact) < 2e-3
+
+
 @pytest.mark.parametrize(
     "w_bits,a_bits,group,sym,transform",
     [
