@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
 FP_BITS = 16
 GEMV_MAX_TOKENS = 16
-# W4A16 from GEMV_MAX_TOKENS + 1 up to this many tokens: the batched GEMM over tiled codes (kernels/csrc/w4a16_batched.cu);
+# W4A16 past GEMV_MAX_TOKENS where the Hopper wgmma GEMM does not run (_sm90_w4_operands: H200 v14c, 1.2-3.2x faster
+# than these paths at 17-2048 tokens): up to this many tokens the batched GEMM over tiled codes (w4a16_batched.cu);
 # more: dequantisation + cuBLAS fp16. H200 run v13f (the final kernel): at 128 tokens the batched GEMM was the faster on
 # all three 7B shapes (29.9 / 78.5 / 67.2 us vs 38.3 / 89.6 / 92.9), at 256 the slower (56.2 / 145.0 / 129.5 vs
 # 39.8 / 95.6 / 100.5; v13c alike).
@@ -358,7 +359,7 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         decode = tokens <= GEMV_MAX_TOKENS
         sm90 = None if decode else _sm90_w4_operands(layer, k, x2)
         if sm90 is not None:  # past decode: the Hopper wgmma GEMM (its own copy of the codes)
-            out = k.w4a16_gemm_sm90(x2, sm90[0], sm90[1], sm90[2], layer.group_size, bias, -1, -1)
+            out = k.w4a16_gemm_sm90(x2, sm90[0], sm90[1], sm90[2], layer.group_size, bias)
             return out.reshape(*lead, layer.out_features)
         packed = tokens <= W4A16_BATCHED_MAX_TOKENS  # the packed-metadata kernels: decode, then the batched GEMM
         meta, stable = _packed_w4_meta(layer) if packed else (None, False)

@@ -79,6 +79,33 @@ def _w4a16_packed_tiled_fake(x, qtiled, meta, group_size, bias, n):
     return x.new_empty((x.shape[0], n))
 
 
+@torch.library.custom_op("qaas::w4a16_sm90_reorder", mutates_args=())
+def w4a16_sm90_reorder(qweight: Tensor) -> Tensor:
+    """int4 codes ``[N, K/2]`` in row order -> the layout the Hopper W4A16 GEMM reads (``reference.pack_w4_sm90``;
+    N and K multiples of 16)."""
+    return reference.pack_w4_sm90(qweight)
+
+
+@w4a16_sm90_reorder.register_fake
+def _w4a16_sm90_reorder_fake(qweight):
+    return torch.empty_like(qweight)
+
+
+@torch.library.custom_op("qaas::w4a16_gemm_sm90", mutates_args=())
+def w4a16_gemm_sm90(
+    x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Optional[Tensor]
+) -> Tensor:
+    """``x [M, K] fp16 @ (u * scale + zero)^T + bias`` for any M: codes reordered by :func:`w4a16_sm90_reorder`, fp16
+    ``scale`` and zero term ``[K / group_size, N]`` (``reference.w4a16_sm90_operands``). CUDA: the Hopper wgmma GEMM
+    (``kernels/csrc/w4a16_sm90.cuh``), its configuration and decomposition chosen by M."""
+    return reference.w4a16_gemm_sm90_ref(x, reference.unpack_w4_sm90(codes), scale, zero, group_size, bias)
+
+
+@w4a16_gemm_sm90.register_fake
+def _w4a16_gemm_sm90_fake(x, codes, scale, zero, group_size, bias):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
 @torch.library.custom_op("qaas::dequant_w4", mutates_args=())
 def dequant_w4(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
     """int4 packed weight -> fp16 ``[N, K]`` (prefill path of W4A16: then cuBLAS)."""
@@ -260,6 +287,15 @@ def _register_cuda_kernels() -> bool:
 
     def _unpack_w4_u8_cuda(qweight):
         return ext.unpack_w4_u8(qweight)
+
+    def _w4a16_sm90_reorder_cuda(qweight):
+        return ext.w4a16_sm90_reorder(qweight)
+
+    def _w4a16_gemm_sm90_cuda(x, codes, scale, zero, group_size, bias):
+        return ext.w4a16_gemm_sm90(x, codes, scale, zero, group_size, bias, -1, -1)
+
+    w4a16_sm90_reorder.register_kernel("cuda")(_w4a16_sm90_reorder_cuda)
+    w4a16_gemm_sm90.register_kernel("cuda")(_w4a16_gemm_sm90_cuda)
 
     unpack_w4_u8.register_kernel("cuda")(_unpack_w4_u8_cuda)
     act_quant_s8.register_kernel("cuda")(_act_quant_s8_cuda)

@@ -138,6 +138,40 @@ def w4a16_gemm_ref(
     return out.to(x.dtype)
 
 
+def w4_sm90_nibble_offsets(n: int, k: int) -> torch.Tensor:
+    """Where code ``(row, col)`` of an ``[n, k]`` int4 matrix lands (nibble index) in the reordered layout of the Hopper
+    W4A16 GEMM (``kernels/csrc/w4a16_sm90.cuh``, ``W4LayoutReordered``): 16 x 16 atoms, atom ``(row // 16, col // 16)``
+    at ``256 * (row // 16 + (n // 16) * (col // 16))``; inside one, lane ``4 g + t`` (``g = row % 8``, ``t = col % 8 // 2``)
+    holds the 8 values of its wgmma A fragment (value ``v = col % 2 + 2 * (row % 16 // 8) + 4 * (col % 16 // 8)``)
+    contiguously at ``8 * lane``, value ``v`` at position ``4 * (v % 2) + v // 2`` (the order [0,2,4,6,1,3,5,7])."""
+    if n % 16 or k % 16:
+        raise ValueError("w4_sm90_nibble_offsets: n and k must be multiples of 16")
+    rows = torch.arange(n, dtype=torch.int64)[:, None]
+    cols = torch.arange(k, dtype=torch.int64)[None, :]
+    lane = 4 * (rows % 8) + cols % 8 // 2
+    v = cols % 2 + 2 * (rows % 16 // 8) + 4 * (cols % 16 // 8)
+    atom = rows // 16 + (n // 16) * (cols // 16)
+    return 256 * atom + 8 * lane + 4 * (v % 2) + v // 2
+
+
+def pack_w4_sm90(qweight: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``[N, K/2]`` in row order -> the Hopper W4A16 GEMM's reordered layout (same shape; nibble ``i`` of the
+    flat result is byte ``i // 2``, low nibble first), as the extension's ``w4a16_sm90_reorder``."""
+    u = unpack_int4(qweight)
+    n, k = u.shape
+    flat = torch.empty(n * k, dtype=torch.uint8, device=qweight.device)
+    flat[w4_sm90_nibble_offsets(n, k).to(qweight.device).flatten()] = u.flatten()
+    return (flat[0::2] | (flat[1::2] << 4)).reshape(n, k // 2)
+
+
+def unpack_w4_sm90(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_w4_sm90`: the codes ``[N, K/2]`` in row order."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    flat = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten()
+    u = flat[w4_sm90_nibble_offsets(n, k).to(codes.device)]
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
 def w4a16_sm90_operands(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ``scale`` and integer ``zero`` ``[N, G]`` -> the Hopper W4A16 GEMM's fp16 ``(scale, zero term)``
     ``[G, N]``: the scale rounded to fp16 and ``-zero * scale`` computed from that rounded scale, so that a code equal

@@ -244,6 +244,27 @@ def test_w4a16_sm90_operands_and_reference() -> None:
     assert ref.shape == (5, 48) and 0 < rel_err(ref, exact) < 2e-3
 
 
+def test_w4_sm90_layout_and_ops() -> None:
+    """The Hopper W4A16 GEMM's code layout: a permutation of the nibbles, a position worked out by hand (row 9,
+    col 3: lane 4 * 1 + 1, fragment value 1 + 2 = 3 at position 4 * 1 + 1), atoms of 16 x 16 rows-first; the reorder op
+    round-trips and the GEMM op's reference equals w4a16_gemm_sm90_ref over the row-order codes."""
+    n, k = 48, 256
+    off = reference.w4_sm90_nibble_offsets(n, k)
+    assert torch.equal(off.flatten().sort().values, torch.arange(n * k))
+    assert int(off[9, 3]) == 8 * 5 + 5
+    assert int(off[16, 0]) == 256 and int(off[0, 16]) == 256 * (n // 16)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        reference.w4_sm90_nibble_offsets(40, 256)
+    layer = make_layer(k, n, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
+    codes = torch.ops.qaas.w4a16_sm90_reorder(layer.qweight)
+    assert codes.shape == layer.qweight.shape and not torch.equal(codes, layer.qweight)
+    assert torch.equal(reference.unpack_w4_sm90(codes), layer.qweight)
+    s16, z16 = reference.w4a16_sm90_operands(layer.w_scale, layer.w_zero)
+    x = torch.randn(7, k)
+    out = torch.ops.qaas.w4a16_gemm_sm90(x, codes, s16, z16, 128, None)
+    assert torch.equal(out, reference.w4a16_gemm_sm90_ref(x, layer.qweight, s16, z16, 128, None))
+
+
 @pytest.mark.parametrize(
     "w_bits,a_bits,group,sym,transform",
     [

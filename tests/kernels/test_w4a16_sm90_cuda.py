@@ -87,20 +87,28 @@ def test_w4a16_sm90_decompositions(splits: int, config: int) -> None:
         ext.w4a16_gemm_sm90(x.to(DEV), codes[:-8].contiguous(), s, z, group, None, config, splits)
 
 
-def test_w4a16_sm90_reorder_is_a_permutation() -> None:
-    """The reordering moves every code exactly once: the multiset of nibbles is kept and a one-hot code lands alone."""
+@pytest.mark.parametrize("n,k", [(16, 16), (48, 256), (1008, 4096), (256, 11008)])
+def test_w4a16_sm90_reorder_matches_reference(n: int, k: int) -> None:
+    """The CUDA reordering (one thread per code, CuTe's layout) is exactly reference.pack_w4_sm90 (the layout written
+    out by hand), and the qaas ops route to the extension on CUDA."""
     ext = kernels._ext.extension()
-    gen = torch.Generator().manual_seed(5)
-    n, k = 256, 512
-    u = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    out = ext.w4a16_sm90_reorder(pack_int4(u).to(DEV)).cpu()
-    lo, hi = out & 0xF, out >> 4
-    counts = torch.bincount(torch.cat([lo.flatten(), hi.flatten()]).long(), minlength=16)
-    assert torch.equal(counts, torch.bincount(u.flatten().long(), minlength=16))
-    one = torch.zeros(n, k, dtype=torch.uint8)
-    one[37, 301] = 9
-    moved = ext.w4a16_sm90_reorder(pack_int4(one).to(DEV)).cpu()
-    assert int((moved != 0).sum()) == 1 and int(moved.max()) in (9, 9 << 4)
+    gen = torch.Generator().manual_seed(n + k)
+    qw = pack_int4(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
+    expect = reference.pack_w4_sm90(qw)
+    assert torch.equal(ext.w4a16_sm90_reorder(qw.to(DEV)).cpu(), expect)
+    assert torch.equal(torch.ops.qaas.w4a16_sm90_reorder(qw.to(DEV)).cpu(), expect)
+
+
+def test_w4a16_sm90_op_on_cuda_is_the_extension() -> None:
+    """torch.ops.qaas.w4a16_gemm_sm90 on CUDA tensors is the extension's default call, and its CPU reference agrees."""
+    ext = kernels._ext.extension()
+    gen = torch.Generator().manual_seed(3)
+    qw, scale, zero, bias, x = _case(gen, 40, 512, 256, 128)
+    codes, s, z = _operands(qw, scale, zero)
+    out = torch.ops.qaas.w4a16_gemm_sm90(x.to(DEV), codes, s, z, 128, bias.to(DEV))
+    assert torch.equal(out, ext.w4a16_gemm_sm90(x.to(DEV), codes, s, z, 128, bias.to(DEV)))
+    cpu = torch.ops.qaas.w4a16_gemm_sm90(x.float(), codes.cpu(), s.cpu(), z.cpu(), 128, bias)
+    assert rel_err(out, cpu) < 1e-3
 
 
 @pytest.mark.parametrize("tokens", [20, 64, 300, 600])
