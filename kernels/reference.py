@@ -159,6 +159,8 @@ def pack_w4_sm90(qweight: torch.Tensor) -> torch.Tensor:
     flat result is byte ``i // 2``, low nibble first), as the extension's ``w4a16_sm90_reorder``."""
     u = unpack_int4(qweight)
     n, k = u.shape
+    if n % 16 or k % 64:  # as the CUDA reorder (the GEMM's k tiles are 64 or 128)
+        raise ValueError("w4a16_sm90_reorder: N must be a multiple of 16 and K of 64")
     flat = torch.empty(n * k, dtype=torch.uint8, device=qweight.device)
     flat[w4_sm90_nibble_offsets(n, k).to(qweight.device).flatten()] = u.flatten()
     return (flat[0::2] | (flat[1::2] << 4)).reshape(n, k // 2)

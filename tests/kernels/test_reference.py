@@ -255,6 +255,8 @@ def test_w4_sm90_layout_and_ops() -> None:
     assert int(off[16, 0]) == 256 and int(off[0, 16]) == 256 * (n // 16)
     with pytest.raises(ValueError, match="multiples of 16"):
         reference.w4_sm90_nibble_offsets(40, 256)
+    with pytest.raises(ValueError, match="K of 64"):  # the CUDA reorder's limit, kept by the reference
+        reference.pack_w4_sm90(torch.zeros(48, 40, dtype=torch.uint8))
     layer = make_layer(k, n, w_bits=4, a_bits=16, group_size=128, w_symmetric=False)
     codes = torch.ops.qaas.w4a16_sm90_reorder(layer.qweight)
     assert codes.shape == layer.qweight.shape and not torch.equal(codes, layer.qweight)

@@ -87,7 +87,7 @@ def test_w4a16_sm90_decompositions(splits: int, config: int) -> None:
         ext.w4a16_gemm_sm90(x.to(DEV), codes[:-8].contiguous(), s, z, group, None, config, splits)
 
 
-@pytest.mark.parametrize("n,k", [(16, 16), (48, 256), (1008, 4096), (256, 11008)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 256), (1008, 4096), (256, 11008)])
 def test_w4a16_sm90_reorder_matches_reference(n: int, k: int) -> None:
     """The CUDA reordering (one thread per code, CuTe's layout) is exactly reference.pack_w4_sm90 (the layout written
     out by hand), and the qaas ops route to the extension on CUDA."""
@@ -97,6 +97,8 @@ def test_w4a16_sm90_reorder_matches_reference(n: int, k: int) -> None:
     expect = reference.pack_w4_sm90(qw)
     assert torch.equal(ext.w4a16_sm90_reorder(qw.to(DEV)).cpu(), expect)
     assert torch.equal(torch.ops.qaas.w4a16_sm90_reorder(qw.to(DEV)).cpu(), expect)
+    with pytest.raises(RuntimeError, match="multiple of 16 and K of 64"):
+        ext.w4a16_sm90_reorder(qw[:, : k // 2 - 8].contiguous().to(DEV))  # K - 16
 
 
 def test_w4a16_sm90_op_on_cuda_is_the_extension() -> None:
