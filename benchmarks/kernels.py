@@ -32,8 +32,8 @@ PEAK_INT8_TOPS = 940.0  # brief's figure
 L2_DEFEAT_BYTES = 256 << 20
 
 
-def bench(fns: list[Callable[[], object]], iters: int = 40, reps: int = 9) -> float:
-    """Median microseconds per call of CUDA-graph-replayed ``fns`` (rotated)."""
+def _captured(fns: list[Callable[[], object]], iters: int) -> torch.cuda.CUDAGraph:
+    """``iters`` calls of ``fns`` (rotated) captured in a CUDA graph after three eager rounds, replayed once."""
     for _ in range(3):
         for f in fns:
             f()
@@ -43,15 +43,24 @@ def bench(fns: list[Callable[[], object]], iters: int = 40, reps: int = 9) -> fl
         for i in range(iters):
             fns[i % len(fns)]()
     g.replay()
+    return g
+
+
+def _replay_us(g: torch.cuda.CUDAGraph, iters: int) -> float:
+    """Microseconds per call of one timed replay of ``g`` (``iters`` calls)."""
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    g.replay()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) * 1e3 / iters
+
+
+def bench(fns: list[Callable[[], object]], iters: int = 40, reps: int = 9) -> float:
+    """Median microseconds per call of CUDA-graph-replayed ``fns`` (rotated)."""
+    g = _captured(fns, iters)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / iters)
+    times = [_replay_us(g, iters) for _ in range(reps)]
     del g
     return statistics.median(times)
 
@@ -59,28 +68,12 @@ def bench(fns: list[Callable[[], object]], iters: int = 40, reps: int = 9) -> fl
 def bench_interleaved(fn_lists: list[list[Callable[[], object]]], iters: int = 40, rounds: int = 9) -> list[float]:
     """Median microseconds per call of each of ``fn_lists`` (as :func:`bench`), their graph replays alternated round by
     round, so that clock and power drift over a long run weigh on all of them alike."""
-    graphs = []
-    for fns in fn_lists:
-        for _ in range(3):
-            for f in fns:
-                f()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(iters):
-                fns[i % len(fns)]()
-        g.replay()
-        graphs.append(g)
+    graphs = [_captured(fns, iters) for fns in fn_lists]
     torch.cuda.synchronize()
     times: list[list[float]] = [[] for _ in graphs]
     for _ in range(rounds):
         for g, t in zip(graphs, times):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            t.append(s.elapsed_time(e) * 1e3 / iters)
+            t.append(_replay_us(g, iters))
     del graphs
     return [statistics.median(t) for t in times]
 

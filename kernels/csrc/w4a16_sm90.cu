@@ -94,12 +94,7 @@ at::Tensor w4a16_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& codes, co
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
 #ifdef QAAS_WITH_CUTLASS
-  static int sm_count = [] {
-    int dev = 0, n = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
-  }();
+  const int sm_count = sm90::device_sm_count();
   // By token count (H200 run v14b, the three 7B shapes at 17 .. 2048 tokens): k tiles of 128 and as many tokens per tile
   // as the input has, up to 128 (<= 32 tokens: the best configuration or within 1% on all three shapes; 64: best on two,
   // 2% off on the third; 128 .. 512: within 13%, at 512 best or within 1%), 256-token tiles of 64 k past 512 tokens

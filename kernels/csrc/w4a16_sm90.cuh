@@ -25,6 +25,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "sm90_gemm_run.cuh"
 
 namespace qaas {
 namespace sm90 {
@@ -132,20 +133,8 @@ struct W4A16Gemm {
       args.scheduler.splits = p.splits;
     }
 
-    Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
-                "w4a16_gemm_sm90: CUTLASS cannot run this problem (M=", p.M, " N=", p.N, " K=", p.K,
-                " group=", p.group_size, ")");
-    const size_t ws_bytes = Gemm::get_workspace_size(args);
-    at::Tensor workspace;
-    void* ws = nullptr;
-    if (ws_bytes > 0) {
-      workspace = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
-      ws = workspace.data_ptr();
-    }
-    auto stream = c10::cuda::getCurrentCUDAStream(like.get_device()).stream();
-    TORCH_CHECK(gemm.initialize(args, ws, stream) == cutlass::Status::kSuccess, "w4a16_gemm_sm90: initialize failed");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "w4a16_gemm_sm90: launch failed");
+    run_gemm<Gemm>(args, like, "w4a16_gemm_sm90", p.M, p.N, p.K, p.group_size,
+                   "N a multiple of 16, K of 64, groups of a multiple of the k tile");
   }
 };
 

@@ -80,12 +80,7 @@ at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, c
   auto out = at::empty({M, N}, a.options().dtype(at::kHalf));
   if (M == 0) return out;
 #ifdef QAAS_WITH_CUTLASS
-  static int sm_count = [] {
-    int dev = 0, n = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
-  }();
+  const int sm_count = sm90::device_sm_count();
   sm90::GemmProblem p{a.data_ptr<int8_t>(),
                       a_scale.data_ptr<float>(),
                       a_corr.data_ptr<int32_t>(),

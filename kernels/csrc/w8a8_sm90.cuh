@@ -22,6 +22,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "sm90_gemm_run.cuh"
 
 namespace qaas {
 namespace sm90 {
@@ -108,21 +109,7 @@ struct W8A8Gemm {
                                   {evt, nullptr, sd, p.d, sd}};
     args.hw_info.device_id = like.get_device();
     args.hw_info.sm_count = p.sm_count;
-
-    Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
-                "w8a8_gemm_sm90: CUTLASS cannot run this problem (M=", p.M, " N=", p.N, " K=", p.K,
-                "; K and N must be multiples of 16)");
-    const size_t ws_bytes = Gemm::get_workspace_size(args);
-    at::Tensor workspace;
-    void* ws = nullptr;
-    if (ws_bytes > 0) {
-      workspace = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
-      ws = workspace.data_ptr();
-    }
-    auto stream = c10::cuda::getCurrentCUDAStream(like.get_device()).stream();
-    TORCH_CHECK(gemm.initialize(args, ws, stream) == cutlass::Status::kSuccess, "w8a8_gemm_sm90: initialize failed");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "w8a8_gemm_sm90: launch failed");
+    run_gemm<Gemm>(args, like, "w8a8_gemm_sm90", p.M, p.N, p.K, 0, "K and N must be multiples of 16");
   }
 };
 

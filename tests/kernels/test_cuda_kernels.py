@@ -6,6 +6,8 @@ Error bounds (METHOD.md): ||out - ref|| / ||ref|| against float64 references; fp
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 from kernel_test_utils import DenseHadamard, KronTransform, make_layer, rel_err
@@ -28,6 +30,16 @@ def _poison(nbytes: int) -> None:
     """Fill the caching allocator's next block with NaN so an unwritten output cannot pass."""
     t = torch.full((nbytes // 4 + 64,), float("nan"), device=DEV)
     del t
+
+
+def _graph_replayed(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()`` captured in a CUDA graph and replayed once: its output as the replay left it."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
 
 
 def _rand_codes(shape: tuple[int, int], bits: int, gen: torch.Generator) -> torch.Tensor:
@@ -513,12 +525,7 @@ def test_w4a16_dispatch_sm90_past_decode_in_graph() -> None:
     eager = layer(x)
     assert rel_err(eager, layer.reference_forward(x.float())) < 3e-3
     assert torch.equal(dispatch._sm90_w4_operands(layer, ext, x)[0], first_codes)  # rebuilt from the same rows
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = layer(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
+    assert torch.equal(_graph_replayed(lambda: layer(x)), eager)
 
 
 def test_w4a16_dispatch_sm90_falls_back_where_fp16_scales_overflow() -> None:
@@ -550,12 +557,7 @@ def test_w4a16_dispatch_batched_tokens_in_graph(monkeypatch: pytest.MonkeyPatch)
     eager = layer(x)
     meta, _ = dispatch._packed_w4_meta(layer)
     assert torch.equal(eager, torch.ops.qaas.w4a16_gemm_packed_tiled(x, layer.qweight, meta, 128, dispatch._bias(layer), n))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = layer(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
+    assert torch.equal(_graph_replayed(lambda: layer(x)), eager)
 
 
 def test_w4a16_packed_pdl_chain_in_graph() -> None:
@@ -621,12 +623,7 @@ def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
     assert all(dispatch._packed_w4_meta(layer)[1] for layer in layers)  # stable from now on: PDL launches
     second = run()
     assert torch.equal(first, second)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, first)
+    assert torch.equal(_graph_replayed(run), first)
     assert rel_err(first, ref()) < 5e-3
 
 
