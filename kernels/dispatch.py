@@ -186,6 +186,12 @@ def _cached(layer: "QuantLinear", name: str, key: tuple, make: Callable[[], Any]
     return value
 
 
+def _is_cached(layer: "QuantLinear", name: str, key: tuple) -> bool:
+    """Whether :func:`_cached` holds ``name`` for ``key`` (so that asking for it builds nothing)."""
+    hit = layer.__dict__.get(_CACHE_ATTR, {}).get(name)
+    return hit is not None and hit[0] == key
+
+
 def _derived(layer: "QuantLinear", key: str, src: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``make(src)`` cached on the layer until ``src`` is replaced or modified in place."""
     return _cached(layer, key, _stamp(src), lambda: make(src))
@@ -281,6 +287,12 @@ def w4a16_pdl_enabled() -> bool:
     return os.environ.get("QAAS_W4A16_PDL", "1") != "0"
 
 
+@functools.lru_cache(maxsize=None)
+def _has_sm90_w4a16(ext: Any) -> bool:
+    """Whether the loaded extension was built with the Hopper W4A16 GEMM (CUTLASS)."""
+    return int(ext.w4a16_sm90_num_configs()) > 0
+
+
 def w4a16_sm90_enabled() -> bool:
     """The Hopper wgmma W4A16 GEMM past ``GEMV_MAX_TOKENS`` tokens (environment ``QAAS_W4A16_SM90``, default on; ``0``
     turns it off and with it the layer's second copy of its codes, see :func:`_sm90_w4_operands`)."""
@@ -295,21 +307,18 @@ def _sm90_w4_operands(layer: "QuantLinear", k: Any, x2: torch.Tensor) -> tuple[t
     without it, ``QAAS_W4A16_SM90=0``, a shape it does not take (N a multiple of 16, groups of a multiple of 128 dividing
     K), scales whose fp16 rounding is not finite, or during CUDA-graph capture before the operands exist (they are
     never built inside a capture: a replay would rebuild them every time)."""
-    if k is ops or not w4a16_sm90_enabled() or int(k.w4a16_sm90_num_configs()) == 0:
+    if k is ops or not w4a16_sm90_enabled() or not _has_sm90_w4a16(k):
         return None
     if layer.out_features % 16 or layer.group_size % 128 or layer.in_features % layer.group_size:
         return None
-    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    codes_key, terms_key = _stamp(layer.qweight), _stamp(layer.w_scale, layer.w_zero)
-    codes_hit, terms_hit = cache.get("w4_sm90_codes"), cache.get("w4_sm90_terms")
-    fresh = codes_hit is not None and codes_hit[0] == codes_key and terms_hit is not None and terms_hit[0] == terms_key
-    if not fresh and _capturing(x2):
+    if _capturing(x2) and not (_is_cached(layer, "w4_sm90_codes", _stamp(layer.qweight))
+                               and _is_cached(layer, "w4_sm90_terms", _stamp(layer.w_scale, layer.w_zero))):
         return None
 
     def terms(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         s16, z16 = reference.w4a16_sm90_operands(scale, zero)
-        ok = bool(torch.isfinite(s16).all() and torch.isfinite(z16).all() and torch.isfinite(s16.float() * 15).all()
-                  and (s16.float() * 15).abs().max() < 65504)
+        # the largest code times the scale within fp16 (also false for inf / NaN scales)
+        ok = bool((s16.float() * 15).abs().max() < 65504 and torch.isfinite(z16).all())
         return (s16, z16) if ok else None
 
     st = _derived_pair(layer, "w4_sm90_terms", layer.w_scale, layer.w_zero, terms)

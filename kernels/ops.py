@@ -82,7 +82,7 @@ def _w4a16_packed_tiled_fake(x, qtiled, meta, group_size, bias, n):
 @torch.library.custom_op("qaas::w4a16_sm90_reorder", mutates_args=())
 def w4a16_sm90_reorder(qweight: Tensor) -> Tensor:
     """int4 codes ``[N, K/2]`` in row order -> the layout the Hopper W4A16 GEMM reads (``reference.pack_w4_sm90``;
-    N and K multiples of 16)."""
+    N a multiple of 16, K of 64)."""
     return reference.pack_w4_sm90(qweight)
 
 
