@@ -1,5 +1,5 @@
 // Host side of the Hopper W4A16 GEMM (w4a16_sm90.cuh): argument checks, the configuration by token count, and the
-// reordering of the codes into the layout the reordered configurations read.
+// reordering of the codes into the layout every configuration reads.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -63,6 +63,7 @@ at::Tensor w4a16_sm90_reorder_cuda(const at::Tensor& codes) {
   return out;
 #else
   TORCH_CHECK(false, "w4a16_sm90_reorder: the extension was built without CUTLASS");
+  return out;
 #endif
 }
 
@@ -125,6 +126,7 @@ at::Tensor w4a16_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& codes, co
   return out;
 #else
   TORCH_CHECK(false, "w4a16_gemm_sm90: the extension was built without CUTLASS");
+  return out;
 #endif
 }
 
