@@ -219,7 +219,8 @@ def add_w4a16_batched_rows(ext, w4: list, tiled: list, xs4: list, group: int, n:
     flops = 2.0 * m * n * k
     metas = [reference.pack_w4_meta(q[1], q[2]) for q in w4]
     nbytes = n * k / 2 + 4 * metas[0].numel() + m * k * 2 + m * n * 2
-    dispatched = " (dispatched)" if m <= dispatch.W4A16_BATCHED_MAX_TOKENS and not sm90_dispatched(ext, n, k) else ""
+    on_sm90 = dispatch.w4a16_sm90_applies(ext, n, k, group)
+    dispatched = " (dispatched)" if m <= dispatch.W4A16_BATCHED_MAX_TOKENS and not on_sm90 else ""
     cases = [(-1, -1, "default" + dispatched)]
     cases += [(v, -1, f"variant {v}: {label}") for v, label in enumerate(W4A16_BATCHED_VARIANTS)]
     cases += [(1, s, f"variant 1, {s} cluster splits") for s in (1, 2, 4, 8)]
@@ -231,11 +232,6 @@ def add_w4a16_batched_rows(ext, w4: list, tiled: list, xs4: list, group: int, n:
 
 # kernels/csrc/w4a16_sm90.cuh configurations: weight rows x tokens x k per tile (codes reordered by w4a16_sm90_reorder)
 W4A16_SM90_CONFIGS = ["128x32x64", "128x64x64", "128x128x64", "128x256x64", "128x32x128", "128x64x128", "128x128x128"]
-
-
-def sm90_dispatched(ext, n: int, k: int) -> bool:
-    """Whether ``kernels.dispatch`` runs a W4A16 layer of this shape (groups of 128) past decode on the Hopper GEMM."""
-    return int(ext.w4a16_sm90_num_configs()) > 0 and dispatch.w4a16_sm90_enabled() and n % 16 == 0 and k % 128 == 0
 
 
 def add_w4a16_sm90_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, m: int, t_fp16: float,
@@ -300,6 +296,7 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
                torch.randint(0, 16, (n, k // group), generator=gen, device=dev).float()) for _ in range(nc4)]
         xs4 = [xs[i % len(xs)] for i in range(nc4)]
         w4_bytes = n * k / 2 + 2 * 4 * n * (k // group) + m * k * 2 + m * n * 2
+        on_sm90 = dispatch.w4a16_sm90_applies(ext, n, k, group)  # past decode: kernels.dispatch runs the Hopper GEMM
         if m <= dispatch.GEMV_MAX_TOKENS:
             t = bench([lambda q=q, x=x: ext.w4a16_gemm(x, q[0], q[1], q[2], group, None) for q, x in zip(w4, xs4)])
             add("W4A16 gemv (qaas, default)", t, w4_bytes, flops, PEAK_FP16_TFLOPS, t_fp16)
@@ -315,13 +312,12 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
                 tiled = [reference.pack_w4_tiled(q[0]) for q in w4]
                 t = bench([lambda qt=qt, q=q, x=x: F.linear(x, ext.dequant_w4(qt, q[1], q[2], group, True))
                            for qt, q, x in zip(tiled, w4, xs4)])
-                add("W4A16 dequant+cuBLAS (qaas, tiled codes)"
-                    + (" (dispatched)" if m > dispatch.W4A16_BATCHED_MAX_TOKENS and not sm90_dispatched(ext, n, k)
-                       else ""), t, w4_bytes, flops,
-                    PEAK_FP16_TFLOPS, t_fp16)
+                dispatched = " (dispatched)" if m > dispatch.W4A16_BATCHED_MAX_TOKENS and not on_sm90 else ""
+                add("W4A16 dequant+cuBLAS (qaas, tiled codes)" + dispatched, t, w4_bytes, flops, PEAK_FP16_TFLOPS,
+                    t_fp16)
                 add_w4a16_batched_rows(ext, w4, tiled, xs4, group, n, k, m, t_fp16, add)
                 del tiled
-        if sm90_dispatched(ext, n, k):
+        if on_sm90:
             add_w4a16_sm90_rows(ext, w4, xs4, group, n, k, m, t_fp16, add, fp16_fns)
         del w4
     del ws, fp16_fns

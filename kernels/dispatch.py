@@ -299,6 +299,14 @@ def w4a16_sm90_enabled() -> bool:
     return os.environ.get("QAAS_W4A16_SM90", "1") != "0"
 
 
+def w4a16_sm90_applies(ext: Any, out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether a W4A16 layer of this shape runs past ``GEMV_MAX_TOKENS`` on the extension's Hopper GEMM: built with it,
+    not turned off (``QAAS_W4A16_SM90``), N a multiple of 16, groups of a multiple of 128 dividing K (scales too large
+    for fp16 still keep a layer off it: :func:`_sm90_w4_operands`)."""
+    return (w4a16_sm90_enabled() and _has_sm90_w4a16(ext) and out_features % 16 == 0 and group_size % 128 == 0
+            and in_features % group_size == 0)
+
+
 def _sm90_w4_operands(layer: "QuantLinear", k: Any, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The operands of the extension's Hopper W4A16 GEMM (``w4a16_gemm_sm90``) for this layer: its codes reordered
     (``w4a16_sm90_reorder`` of the row-order codes: a second copy of the codes next to the decode kernels' tiled
@@ -307,9 +315,7 @@ def _sm90_w4_operands(layer: "QuantLinear", k: Any, x2: torch.Tensor) -> tuple[t
     without it, ``QAAS_W4A16_SM90=0``, a shape it does not take (N a multiple of 16, groups of a multiple of 128 dividing
     K), scales whose fp16 rounding is not finite, or during CUDA-graph capture before the operands exist (they are
     never built inside a capture: a replay would rebuild them every time)."""
-    if k is ops or not w4a16_sm90_enabled() or not _has_sm90_w4a16(k):
-        return None
-    if layer.out_features % 16 or layer.group_size % 128 or layer.in_features % layer.group_size:
+    if k is ops or not w4a16_sm90_applies(k, layer.out_features, layer.in_features, layer.group_size):
         return None
     if _capturing(x2) and not (_is_cached(layer, "w4_sm90_codes", _stamp(layer.qweight))
                                and _is_cached(layer, "w4_sm90_terms", _stamp(layer.w_scale, layer.w_zero))):

@@ -163,15 +163,13 @@ def pack_w4_sm90(qweight: torch.Tensor) -> torch.Tensor:
         raise ValueError("w4a16_sm90_reorder: N must be a multiple of 16 and K of 64")
     flat = torch.empty(n * k, dtype=torch.uint8, device=qweight.device)
     flat[w4_sm90_nibble_offsets(n, k).to(qweight.device).flatten()] = u.flatten()
-    return (flat[0::2] | (flat[1::2] << 4)).reshape(n, k // 2)
+    return pack_int4(flat.reshape(n, k))
 
 
 def unpack_w4_sm90(codes: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_w4_sm90`: the codes ``[N, K/2]`` in row order."""
     n, k = codes.shape[0], codes.shape[1] * 2
-    flat = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten()
-    u = flat[w4_sm90_nibble_offsets(n, k).to(codes.device)]
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    return pack_int4(unpack_int4(codes).flatten()[w4_sm90_nibble_offsets(n, k).to(codes.device)])
 
 
 def w4a16_sm90_operands(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

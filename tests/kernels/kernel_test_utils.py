@@ -8,9 +8,33 @@ import torch
 
 from kernels import reference
 from quant.modules.linear import QuantLinear
+from quant.quantizers.packing import pack_int4
 from quant.quantizers.weight import quantize_weight_rtn
 from quant.recipes.schema import ActivationQuantSpec, WeightQuantSpec
 from quant.transforms.base import InputTransform
+
+
+def poison_cuda(nbytes: int) -> None:
+    """Fill the CUDA caching allocator's next block with NaN so an unwritten output cannot pass."""
+    t = torch.full((nbytes // 4 + 64,), float("nan"), device="cuda")
+    del t
+
+
+def rand_codes(shape: tuple[int, int], bits: int, gen: torch.Generator) -> torch.Tensor:
+    """Random codes 1 .. 2**bits - 1 (never zero) on the CPU; 4-bit codes packed two per byte."""
+    u = torch.randint(1, 2**bits, shape, generator=gen, dtype=torch.uint8)
+    return pack_int4(u) if bits == 4 else u
+
+
+def w4a16_case(gen: torch.Generator, tokens: int, k: int, n: int, group: int):
+    """Random int4 codes (1..15), per-group scale/zero, bias and activations on the CPU, drawn from ``gen`` in
+    that order, and the float64 reference output."""
+    qw = rand_codes((n, k), 4, gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    bias = (torch.randn(n, generator=gen) * 0.1).half()
+    x = torch.randn(tokens, k, generator=gen).half()
+    return qw, scale, zero, bias, x, reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
 
 
 class DenseHadamard(InputTransform):

@@ -11,10 +11,13 @@ from typing import Callable
 import pytest
 import torch
 from kernel_test_utils import DenseHadamard, KronTransform, make_layer, rel_err
+from kernel_test_utils import poison_cuda as _poison
+from kernel_test_utils import rand_codes as _rand_codes
+from kernel_test_utils import w4a16_case as _w4a16_case
 
 import kernels
 from kernels import dispatch, reference
-from quant.quantizers.packing import pack_int4, unpack_int4
+from quant.quantizers.packing import unpack_int4
 
 pytestmark = pytest.mark.gpu  # collected only where CUDA is (tests/conftest.py)
 DEV = "cuda"
@@ -26,12 +29,6 @@ def _extension_built() -> None:
     assert kernels.ops.CUDA_KERNELS_REGISTERED
 
 
-def _poison(nbytes: int) -> None:
-    """Fill the caching allocator's next block with NaN so an unwritten output cannot pass."""
-    t = torch.full((nbytes // 4 + 64,), float("nan"), device=DEV)
-    del t
-
-
 def _graph_replayed(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``fn()`` captured in a CUDA graph and replayed once: its output as the replay left it."""
     graph = torch.cuda.CUDAGraph()
@@ -40,22 +37,6 @@ def _graph_replayed(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     graph.replay()
     torch.cuda.synchronize()
     return out
-
-
-def _rand_codes(shape: tuple[int, int], bits: int, gen: torch.Generator) -> torch.Tensor:
-    u = torch.randint(1, 2**bits, shape, generator=gen, dtype=torch.uint8)
-    return pack_int4(u) if bits == 4 else u
-
-
-def _w4a16_case(gen: torch.Generator, tokens: int, k: int, n: int, group: int):
-    """Random int4 codes (1..15), per-group scale/zero, bias and activations on the CPU, drawn from ``gen`` in
-    that order, and the float64 reference output."""
-    qw = _rand_codes((n, k), 4, gen)
-    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
-    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
-    bias = (torch.randn(n, generator=gen) * 0.1).half()
-    x = torch.randn(tokens, k, generator=gen).half()
-    return qw, scale, zero, bias, x, reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
 
 
 # act_quant / act_quant_s8 cases: (mode, k, hb, n1). The tensor-core kernel takes fp16 Hadamard blocks of

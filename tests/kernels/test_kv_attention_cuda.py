@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_test_utils import poison_cuda as _poison
 from kernel_test_utils import rel_err
 
 import kernels
@@ -19,12 +20,6 @@ DEV = "cuda"
 def _extension_built() -> None:
     assert kernels.available(), kernels.unavailable_reason()
     assert kernels.ops.KV_CUDA_KERNELS_REGISTERED, "extension built without kv_attention.cu"
-
-
-def _poison(nbytes: int) -> None:
-    """Fill the caching allocator's next block with NaN so an unwritten output cannot pass."""
-    t = torch.full((nbytes // 4 + 64,), float("nan"), device=DEV)
-    del t
 
 
 def _cache(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import rel_err
+from kernel_test_utils import poison_cuda, rel_err, w4a16_case
 
 import kernels
 from kernels import reference
@@ -22,25 +22,10 @@ def _extension_built() -> None:
     assert int(kernels._ext.extension().w4a16_sm90_num_configs()) == 7, "built without CUTLASS"
 
 
-def _case(gen: torch.Generator, tokens: int, k: int, n: int, group: int):
-    u = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    qw = pack_int4(u)
-    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
-    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
-    bias = (torch.randn(n, generator=gen) * 0.1).half()
-    x = torch.randn(tokens, k, generator=gen).half()
-    return qw, scale, zero, bias, x
-
-
 def _operands(qw: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     codes = kernels._ext.extension().w4a16_sm90_reorder(qw.to(DEV))
     s, z = reference.w4a16_sm90_operands(scale, zero)
     return codes, s.to(DEV), z.to(DEV)
-
-
-def _poison(nbytes: int) -> None:
-    t = torch.full((nbytes // 4 + 64,), float("nan"), device=DEV)
-    del t
 
 
 @pytest.mark.parametrize("config", [-1, 0, 1, 2, 3, 4, 5, 6])
@@ -51,10 +36,9 @@ def test_w4a16_sm90_matches_reference(config: int, tokens: int, k: int, n: int, 
     multiple of the 128-row tile, K = 11008 (172 k tiles), groups of two k tiles and more, with bias."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(config * 31 + tokens + k + n + group)
-    qw, scale, zero, bias, x = _case(gen, tokens, k, n, group)
-    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    qw, scale, zero, bias, x, ref = w4a16_case(gen, tokens, k, n, group)
     codes, s, z = _operands(qw, scale, zero)
-    _poison(tokens * n * 2)
+    poison_cuda(tokens * n * 2)
     out = ext.w4a16_gemm_sm90(x.to(DEV), codes, s, z, group, bias.to(DEV), config)
     assert out.shape == (tokens, n) and out.dtype == torch.float16
     assert rel_err(out, ref) < 2e-3
@@ -71,10 +55,10 @@ def test_w4a16_sm90_decompositions(splits: int, config: int) -> None:
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(splits * 7 + config)
     k, n, group, tokens = 4096, 2048, 128, 48
-    qw, scale, zero, _, x = _case(gen, tokens, k, n, group)
+    qw, scale, zero, _, x, _ = w4a16_case(gen, tokens, k, n, group)
     ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, None)
     codes, s, z = _operands(qw, scale, zero)
-    _poison(tokens * n * 2)
+    poison_cuda(tokens * n * 2)
     out = ext.w4a16_gemm_sm90(x.to(DEV), codes, s, z, group, None, config, splits)
     assert rel_err(out, ref) < 2e-3
     with pytest.raises(RuntimeError, match="splits"):
@@ -105,7 +89,7 @@ def test_w4a16_sm90_op_on_cuda_is_the_extension() -> None:
     """torch.ops.qaas.w4a16_gemm_sm90 on CUDA tensors is the extension's default call, and its CPU reference agrees."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(3)
-    qw, scale, zero, bias, x = _case(gen, 40, 512, 256, 128)
+    qw, scale, zero, bias, x, _ = w4a16_case(gen, 40, 512, 256, 128)
     codes, s, z = _operands(qw, scale, zero)
     out = torch.ops.qaas.w4a16_gemm_sm90(x.to(DEV), codes, s, z, 128, bias.to(DEV))
     assert torch.equal(out, ext.w4a16_gemm_sm90(x.to(DEV), codes, s, z, 128, bias.to(DEV)))
@@ -120,10 +104,9 @@ def test_w4a16_sm90_groups_of_64(tokens: int) -> None:
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(tokens)
     k, n, group = 1024, 256, 64
-    qw, scale, zero, bias, x = _case(gen, tokens, k, n, group)
-    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    qw, scale, zero, bias, x, ref = w4a16_case(gen, tokens, k, n, group)
     codes, s, z = _operands(qw, scale, zero)
-    _poison(tokens * n * 2)
+    poison_cuda(tokens * n * 2)
     out = ext.w4a16_gemm_sm90(x.to(DEV), codes, s, z, group, bias.to(DEV))
     assert rel_err(out, ref) < 2e-3
     with pytest.raises(RuntimeError, match="group_size"):
