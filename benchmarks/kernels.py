@@ -200,7 +200,9 @@ def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, 
         bufs = [torch.randint(0, 255, (probe_bytes,), dtype=torch.uint8, device="cuda") for _ in range(copies(probe_bytes))]
         for mode, label in ((0, "probe: empty kernel (grid of the one-pass read)"),
                             (1, f"probe: read {probe_bytes / 1e6:.1f} MB, one pass, 4 x 16 B per thread in flight"),
-                            (2, f"probe: read {probe_bytes / 1e6:.1f} MB, persistent 4 blocks/SM")):
+                            (2, f"probe: read {probe_bytes / 1e6:.1f} MB, persistent 4 blocks/SM"),
+                            (3, f"probe: read {probe_bytes / 1e6:.1f} MB, persistent 2 blocks/SM, 2 x 16 B per thread"),
+                            (4, f"probe: read {probe_bytes / 1e6:.1f} MB, persistent 2 blocks/SM, 4 x 16 B per thread")):
             t = bench([lambda b=b, mode=mode: ext.memory_probe(b, mode) for b in bufs])
             add(label, t, 0 if mode == 0 else probe_bytes, 0.0, PEAK_FP16_TFLOPS)
         del bufs

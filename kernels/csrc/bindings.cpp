@@ -96,7 +96,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int4 codes [N, K/2] in row order -> the reordered layout of the sm90 W4A16 GEMM");
   m.def("w4a16_sm90_num_configs", &qaas::w4a16_sm90_num_configs, "number of sm90 W4A16 GEMM configurations (0 without CUTLASS)");
   m.def("memory_probe", &qaas::memory_probe_cuda,
-        "benchmark probe: empty kernel (0) or a read of the whole buffer with every load in flight (1 one pass, 2 persistent)");
+        "benchmark probe: empty kernel (0) or a read of the whole buffer (1 one pass, 2 persistent at 4 blocks/SM, "
+        "3 / 4 persistent at 2 blocks/SM with 2 / 4 loads in flight per thread; probes.cu)");
   m.def("dequant_w4", &qaas::dequant_w4_cuda,
         "int4 weight -> fp16 dequantisation (tiled: codes in the decode kernel's tiled order, reference.pack_w4_tiled)",
         pybind11::arg("qweight"), pybind11::arg("scale"), pybind11::arg("zero"), pybind11::arg("group_size"),

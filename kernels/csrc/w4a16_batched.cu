@@ -45,14 +45,6 @@ constexpr BatchedVariant kBatchedVariants[] = {{4, 2, 2, 2, 3}, {4, 2, 4, 1, 3},
 constexpr int kNumBatchedVariants = sizeof(kBatchedVariants) / sizeof(kBatchedVariants[0]);
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 
-__device__ __forceinline__ void zero_operands(uint32_t word, uint32_t& zsub, uint32_t& zfma) {
-  const uint32_t z = word & 0xFu;  // (1024 + z) and -(64 + z) twice, as w4a16_packed.cu's one-IMAD form
-  zsub = z * 0x00010001u + 0x64006400u;
-  zfma = z * 0x00100010u + 0xD400D400u;
-}
-
-__device__ __forceinline__ float meta_scale_of(uint32_t word) { return __uint_as_float(word & ~0xFu); }
-
 // Row stride of the partial-sum buffer in floats: MT + 8 keeps the float2 stores of store_partials conflict-free.
 template <int MT>
 constexpr int red_stride() {
@@ -176,8 +168,8 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       uint32_t za[TW], zb[TW], fa[TW], fb[TW];
 #pragma unroll
       for (int tt = 0; tt < TW; ++tt) {
-        zero_operands(cm[tt].x, za[tt], fa[tt]);
-        zero_operands(cm[tt].y, zb[tt], fb[tt]);
+        w4::zero_codes<1>(cm[tt].x, za[tt], fa[tt]);
+        w4::zero_codes<1>(cm[tt].y, zb[tt], fb[tt]);
       }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -199,7 +191,7 @@ __global__ void __launch_bounds__(WR * WK * 32, MINB) w4a16_batched_kernel(
       }
 #pragma unroll
       for (int tt = 0; tt < TW; ++tt)
-        w4::accumulate_scaled<NTG>(acc[tt], part[tt], meta_scale_of(cm[tt].x), meta_scale_of(cm[tt].y));
+        w4::accumulate_scaled<NTG>(acc[tt], part[tt], w4::meta_scale(cm[tt].x), w4::meta_scale(cm[tt].y));
     }
   }
   cp_async_wait_pending<0>();

@@ -49,31 +49,6 @@ constexpr int kNumPackedVariants = sizeof(kPackedVariants) / sizeof(kPackedVaria
 constexpr int kDefaultPacked = 0;
 constexpr int pdl_twin(int v) { return v | 1; }  // even variants plain, odd ones the same kernel launched with PDL
 
-// (1024 + z) twice as half2 for an integer zero point z in 0..15 (0x6400 is 1024.0 in fp16).
-__device__ __forceinline__ uint32_t zero_pair_code(uint32_t z) {
-  const uint32_t h = 0x6400u | z;
-  return h | (h << 16);
-}
-
-// The zero-point operands of dq_word4 from a metadata word (z = its 4 low bits): zsub = (1024 + z) twice, zfma =
-// -(64 + z) twice. NT == 1: one IMAD each (the bit fields do not overlap, so adding is or-ing): with the activation
-// addressing below, 1-token blocks issue ~20% fewer instructions per 128-k block (H200 run v10c: 5.8 -> 5.5 us at
-// 4096^2, 11.6 -> 10.9 us at 11008x4096). NT == 2: shifts and ors (integer pipe), as before: the IMAD form (and the
-// unpredicated loads) made 16 tokens ~7-11% slower in the same run (the FMA pipe, already carrying the HFMA2 and the
-// accumulation, is the likely reason; not profiled).
-template <int NT>
-__device__ __forceinline__ void zero_codes(uint32_t word, uint32_t& zsub, uint32_t& zfma) {
-  const uint32_t z = word & 0xFu;
-  if constexpr (NT == 1) {
-    zsub = z * 0x00010001u + 0x64006400u;
-    zfma = z * 0x00100010u + 0xD400D400u;
-  } else {
-    zsub = zero_pair_code(z);
-    zfma = w4::zero_fma_pair_code(z);
-  }
-}
-__device__ __forceinline__ float meta_scale(uint32_t word) { return __uint_as_float(word & ~0xFu); }
-
 // G: weight groups per row (K / group_size), kpg: 128-k blocks per group, both from the host (no integer division in
 // the prologue).
 // TILES (tiled codes only): 16-row tiles per block, each warp's activation fragments feeding all of them; tile indices
@@ -153,10 +128,10 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
       for (int tt = 0; tt < TILES; ++tt) {
         float part[NT][4];
         uint32_t za, zb, fa, fb;
-        zero_codes<NT>(mw[u][tt].x, za, fa);
-        zero_codes<NT>(mw[u][tt].y, zb, fb);
+        w4::zero_codes<NT>(mw[u][tt].x, za, fa);
+        w4::zero_codes<NT>(mw[u][tt].y, zb, fb);
         w4::kblock_mma_w4<NT, XS>(va[u][tt], vb[u][tt], za, zb, fa, fb, bf, part);
-        w4::accumulate_scaled<NT>(acc[tt], part, meta_scale(mw[u][tt].x), meta_scale(mw[u][tt].y));
+        w4::accumulate_scaled<NT>(acc[tt], part, w4::meta_scale(mw[u][tt].x), w4::meta_scale(mw[u][tt].y));
       }
     }
   };
