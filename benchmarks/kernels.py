@@ -185,14 +185,6 @@ def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, 
                    for qt, mt, x in zip(tiled, metas, xs4)])
         add(f"W4A16 tiled codes variant {v}: {label}" + (PDL_NOTE if "PDL" in label else ""), t, nbytes, flops,
             PEAK_FP16_TFLOPS, t_fp16)
-    # the same decode over codes in the sm90 GEMM's reordered layout (one copy of the codes for decode and the GEMM)
-    if m <= 8 and n % 16 == 0 and m * k * 2 <= 96 * 1024 and ext.has_sm90_gemm():
-        sm90_codes = [ext.w4a16_sm90_reorder(q[0]) for q in w4]
-        for pdl, label in ((False, ""), (True, ", PDL" + PDL_NOTE)):
-            t = bench([lambda c=c, mt=mt, x=x, pdl=pdl: ext.w4a16_decode_sm90_layout(x, c, mt, group, None, pdl)
-                       for c, mt, x in zip(sm90_codes, metas, xs4)])
-            add(f"W4A16 decode over sm90-reordered codes{label}", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
-        del sm90_codes
     # after a producer kernel: x = x_src * 1 (a kernel, not a copy-engine memcpy), then the GEMV on x
     xbufs = [torch.empty_like(x) for x in xs4]
     t_prod = bench([lambda x=x, xb=xb: torch.mul(x, 1.0, out=xb) for x, xb in zip(xs4, xbufs)])

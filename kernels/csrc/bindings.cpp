@@ -24,8 +24,6 @@ int64_t w4a16_packed_num_variants();
 at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
                                         int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
                                         int64_t variant);
-at::Tensor w4a16_decode_sm90_layout_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta,
-                                         int64_t group_size, const c10::optional<at::Tensor>& bias, bool pdl);
 at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
                                    int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
                                    int64_t variant, int64_t splits);
@@ -81,9 +79,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm_packed_tiled", &qaas::w4a16_gemm_packed_tiled_cuda,
         "w4a16_gemm_packed over codes in the tiled order of reference.pack_w4_tiled (n output features; variant 0-7: "
         "16 warps x 1 block, x 2 blocks, 3 blocks/SM, 2 tiles per block; even plain, odd PDL)");
-  m.def("w4a16_decode_sm90_layout", &qaas::w4a16_decode_sm90_layout_cuda,
-        "w4a16 decode (<= 8 tokens) over codes in the sm90 GEMM's reordered layout (w4a16_sm90_reorder) and packed "
-        "metadata words (pack_w4_meta); pdl: programmatic dependent launch (w4a16_decode_sm90.cu)");
   m.def("w4a16_gemm_batched", &qaas::w4a16_gemm_batched_cuda,
         "int4 weight x fp16 activation GEMM for batched decode / short prefills (any M) over tiled codes and packed "
         "metadata (n output features; variant -1 by M, 0-3: see w4a16_batched.cu; splits: cluster blocks splitting K, "

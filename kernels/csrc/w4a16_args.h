@@ -1,5 +1,4 @@
-// Argument checks shared by the packed-metadata W4A16 entry points (w4a16_packed.cu, w4a16_batched.cu,
-// w4a16_decode_sm90.cu).
+// Argument checks shared by the packed-metadata W4A16 entry points (w4a16_packed.cu, w4a16_batched.cu).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -441,27 +441,6 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
         ext.w4a16_gemm_packed_tiled(x.to(DEV), qw.to(DEV) if n % 16 else qw[:-1].to(DEV), meta, group, None, n, 0)
 
 
-@pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
-@pytest.mark.parametrize("k,n,group", [(4096, 1008, 128), (11008, 256, 128), (1024, 4096, 256), (256, 48, 128),
-                                       (2048, 11008, 512)])
-def test_w4a16_decode_sm90_layout(pdl: bool, tokens: int, k: int, n: int, group: int) -> None:
-    """The decode kernel over codes in the sm90 GEMM's reordered layout (reordered on the GPU by w4a16_sm90_reorder,
-    which test_w4a16_sm90_cuda checks against reference.pack_w4_sm90): fewer 128-k blocks than warps (K = 256), more
-    (K = 11008: 86), groups of 128 / 256 / 512, one token and a partial token group."""
-    ext = kernels._ext.extension()
-    gen = torch.Generator().manual_seed(tokens * 7 + k + n + group + pdl)
-    qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
-    meta = reference.pack_w4_meta(scale, zero).to(DEV)
-    codes = ext.w4a16_sm90_reorder(qw.to(DEV))
-    _poison(tokens * n * 2)
-    out = ext.w4a16_decode_sm90_layout(x.to(DEV), codes, meta, group, bias.to(DEV), pdl)
-    assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
-    nine = torch.zeros(9, k, dtype=torch.float16, device=DEV)  # refused: too many rows, or (K = 11008) too large to stage
-    with pytest.raises(RuntimeError, match="at most 8 rows" if 9 * k * 2 <= 96 * 1024 else "shared memory"):
-        ext.w4a16_decode_sm90_layout(nine, codes, meta, group, None, pdl)
-
-
 @pytest.mark.parametrize("variant", [-1, 0, 1, 2, 3])
 @pytest.mark.parametrize("tokens", [17, 32, 40, 64, 100, 257])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
