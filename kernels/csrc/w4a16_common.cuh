@@ -112,8 +112,8 @@ __device__ __forceinline__ uint32_t zero_fma_pair_code(uint32_t z) {
   return h | (h << 16);
 }
 
-// Packed metadata words (w4a16_packed.cu, w4a16_batched.cu; reference.pack_w4_meta): the fp32 scale with its 4 low bits
-// replaced by the zero point.
+// Packed metadata words (w4a16_packed.cu, w4a16_batched.cu; reference.pack_w4_meta): the fp32 scale with its 4 low
+// bits replaced by the zero point.
 // (1024 + z) twice as half2 for an integer zero point z in 0..15 (0x6400 is 1024.0 in fp16).
 __device__ __forceinline__ uint32_t zero_pair_code(uint32_t z) {
   const uint32_t h = 0x6400u | z;
@@ -122,10 +122,10 @@ __device__ __forceinline__ uint32_t zero_pair_code(uint32_t z) {
 
 // The zero-point operands of dq_word4 from a metadata word (z = its 4 low bits): zsub = (1024 + z) twice, zfma =
 // -(64 + z) twice. NT == 1: one IMAD each (the bit fields do not overlap, so adding is or-ing): with the 1-token
-// activation addressing of w4a16_packed.cu, 1-token blocks issue ~20% fewer instructions per 128-k block (H200 run v10c: 5.8 -> 5.5 us at
-// 4096^2, 11.6 -> 10.9 us at 11008x4096). NT == 2: shifts and ors (integer pipe), as before: the IMAD form (and the
-// unpredicated loads) made 16 tokens ~7-11% slower in the same run (the FMA pipe, already carrying the HFMA2 and the
-// accumulation, is the likely reason; not profiled).
+// activation addressing of w4a16_packed.cu, 1-token blocks issue ~20% fewer instructions per 128-k block (H200 run
+// v10c: 5.8 -> 5.5 us at 4096^2, 11.6 -> 10.9 us at 11008x4096). NT == 2: shifts and ors (integer pipe), as before:
+// the IMAD form (and the unpredicated loads) made 16 tokens ~7-11% slower in the same run (the FMA pipe, already
+// carrying the HFMA2 and the accumulation, is the likely reason; not profiled).
 template <int NT>
 __device__ __forceinline__ void zero_codes(uint32_t word, uint32_t& zsub, uint32_t& zfma) {
   const uint32_t z = word & 0xFu;
