@@ -210,13 +210,25 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 # The extension's tiled-codes decode variants (kernels/csrc/w4a16_packed.cu launch_tiled_variant; odd = the same kernel
 # launched with PDL): 16 warps per 16-row tile at two blocks per SM (default); for many tiles at <= 8 tokens, three per
-# SM (40 registers) when launched plainly and two 128-k blocks per round (two per SM) with PDL.
-TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL = 0, 4, 3
+# SM (40 registers) when launched plainly and, with PDL, the persistent folded-zero-point kernel (w4a16_folded.cu) where
+# its staged activations fit, else two 128-k blocks per round (two per SM).
+TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL, TILED_FOLDED_PDL = 0, 4, 3, 9
 # tiles per SM from which those pay (H200 v11f, 4096x11008 = 5.2 tiles per SM: three per SM 11.4 -> 10.8 us; at 1.9
 # tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us). With PDL at 4096x11008 the two-per-round variant was the
-# faster in four runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2, v12c 9.7 vs 9.9, v12d 9.8 vs
-# 10.0); at 4096 outputs it was slower than the default (v12a 4.6 vs 4.3 us, 9.3 vs 9.0).
+# faster of the tiled ones in four runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2, v12c 9.7 vs
+# 9.9, v12d 9.8 vs 10.0; at 4096 outputs it was slower than the default: v12a 4.6 vs 4.3 us, 9.3 vs 9.0), and the
+# folded kernel faster still (v16b 8.9, v16c 9.0 vs 9.7-9.8); at 1.9 tiles per SM the folded kernel has one tile per
+# block and is slower (4096x4096 5.3 vs 4.2 us, 11008x4096 10.1 vs 9.0).
 TILED_MANY_TILES_PER_SM = 4
+# The folded kernel's shared memory for the staged activations (w4a16_folded.cu kFoldSmemMax: 48 KB less its two
+# 16 x 16 x 8 fp32 reduction buffers): tokens * K * 2 bytes of fragments plus 64 bytes of sums per 128-k block.
+FOLDED_SMEM_BYTES = 48 * 1024 - 2 * 16 * 16 * 8 * 4
+
+
+def folded_decode_fits(tokens: int, in_features: int) -> bool:
+    """Whether the folded-zero-point decode kernel takes ``tokens`` rows of ``in_features`` (its C++ launcher
+    otherwise falls back to the tiled kernel)."""
+    return 1 <= tokens <= 8 and tokens * in_features * 2 + (in_features // 128) * 64 <= FOLDED_SMEM_BYTES
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,14 +236,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def tiled_decode_variant(out_features: int, tokens: int, sms: int, pdl: bool) -> int:
-    """The tiled decode kernel's variant for ``out_features`` outputs and ``tokens`` rows on ``sms`` SMs (odd: launched
-    with programmatic dependent launch). Where there are at least ``TILED_MANY_TILES_PER_SM`` 16-row tiles
-    per SM and one token group (<= 8 tokens; at 16 tokens both variants below are slower, three per SM spills): three
-    16-warp blocks per SM for a plain launch, two 128-k blocks per round for a PDL one; else the default."""
+def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: int, pdl: bool) -> int:
+    """The tiled decode kernel's variant for ``out_features`` x ``in_features`` and ``tokens`` rows on ``sms`` SMs
+    (odd: launched with programmatic dependent launch). Where there are at least ``TILED_MANY_TILES_PER_SM`` 16-row
+    tiles per SM and one token group (<= 8 tokens; at 16 tokens the variants below are slower, three per SM spills):
+    three 16-warp blocks per SM for a plain launch; for a PDL one the persistent folded kernel where its activations
+    fit (:func:`folded_decode_fits`), else two 128-k blocks per round; else the default."""
     tiles = -(-out_features // 16)
     if tokens <= 8 and tiles >= TILED_MANY_TILES_PER_SM * sms:
-        return TILED_TWO_PER_ROUND_PDL if pdl else TILED_THREE_PER_SM
+        if not pdl:
+            return TILED_THREE_PER_SM
+        return TILED_FOLDED_PDL if folded_decode_fits(tokens, in_features) else TILED_TWO_PER_ROUND_PDL
     return TILED_DEFAULT + (1 if pdl else 0)
 
 
@@ -390,7 +405,7 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
             if k is ops:  # (the op itself takes any number of rows)
                 out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
             elif decode:
-                v = tiled_decode_variant(n, tokens, _sm_count(x2.device.index or 0), pdl)
+                v = tiled_decode_variant(n, layer.in_features, tokens, _sm_count(x2.device.index or 0), pdl)
                 out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, v)
             else:
                 out = k.w4a16_gemm_batched(x2, layer.qweight, meta, layer.group_size, bias, n)

@@ -78,7 +78,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_packed_num_variants", &qaas::w4a16_packed_num_variants, "number of packed-metadata decode variants");
   m.def("w4a16_gemm_packed_tiled", &qaas::w4a16_gemm_packed_tiled_cuda,
         "w4a16_gemm_packed over codes in the tiled order of reference.pack_w4_tiled (n output features; variant 0-7: "
-        "16 warps x 1 block, x 2 blocks, 3 blocks/SM, 2 tiles per block; even plain, odd PDL)");
+        "16 warps x 1 block, x 2 blocks, 3 blocks/SM, 2 tiles per block; 8-9: persistent with the zero points folded out "
+        "(w4a16_folded.cu); even plain, odd PDL)");
   m.def("w4a16_gemm_batched", &qaas::w4a16_gemm_batched_cuda,
         "int4 weight x fp16 activation GEMM for batched decode / short prefills (any M) over tiled codes and packed "
         "metadata (n output features; variant -1 by M, 0-3: see w4a16_batched.cu; splits: cluster blocks splitting K, "

@@ -421,14 +421,16 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(8))
+@pytest.mark.parametrize("variant", range(10))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
 def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: int) -> None:
     """The decode kernel over codes in the tiled order (reference.pack_w4_tiled), plain and PDL, one and two 128-k
     blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
-    second tile clamped), N not a multiple of 16 (zero rows padding the last tile)."""
+    second tile clamped), N not a multiple of 16 (zero rows padding the last tile); variants 8 / 9 the persistent
+    folded-zero-point kernel (w4a16_folded.cu) where its staged activations fit in 32 KB (1 token; 5 tokens at
+    K <= 1024), else variant 0 / 1."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
@@ -439,6 +441,36 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
     with pytest.raises(RuntimeError, match="pack_w4_tiled"):
         ext.w4a16_gemm_packed_tiled(x.to(DEV), qw.to(DEV) if n % 16 else qw[:-1].to(DEV), meta, group, None, n, 0)
+
+
+@pytest.mark.parametrize("variant", [8, 9])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("k,n", [(4096, 8200), (11008, 4400)])
+def test_w4a16_folded_activation_range(variant: int, tokens: int, k: int, n: int) -> None:
+    """The folded-zero-point decode kernel (w4a16_folded.cu) cancels 1024 x the activation sums in its fp32
+    accumulator and scales odd k by 1/16 in fp16: outlier channels (x 300) and subnormal activations (which x / 16
+    rounds) must still give the reference result, against the tiled kernel's own error on the same inputs. N = 8200 /
+    4400: 513 / 275 tiles (the last one padded), more than the folded kernel's persistent grid of two blocks per SM on
+    an H100 / H200, so blocks loop over several tiles (at K = 11008 with 86 128-k blocks split unevenly over 16 warps).
+    Where the staged activations exceed its 32 KB of shared memory (8 tokens, and 3 at K = 11008) the tiled kernel
+    runs instead."""
+    ext = kernels._ext.extension()
+    group = 128
+    gen = torch.Generator().manual_seed(variant * 5 + tokens + k)
+    qw, scale, zero, bias, x, _ = _w4a16_case(gen, tokens, k, n, group)
+    x = x.float()
+    x[:, torch.randperm(k, generator=gen)[:16]] *= 300.0  # outlier channels, as in LLM activations
+    tiny = torch.randperm(k, generator=gen)[: k // 4]
+    x[:, tiny] = torch.randn(tokens, k // 4, generator=gen) * 3e-5  # around the fp16 subnormal range (< 6.1e-5)
+    x = x.half()
+    ref = reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    meta = reference.pack_w4_meta(scale, zero).to(DEV)
+    tiled = reference.pack_w4_tiled(qw).to(DEV)
+    _poison(tokens * n * 2)
+    out = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant)
+    base = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant & 1)
+    assert rel_err(out, ref) < 2e-3
+    assert rel_err(out, ref) < 2 * rel_err(base, ref) + 1e-4
 
 
 @pytest.mark.parametrize("variant", [-1, 0, 1, 2, 3])
@@ -610,15 +642,17 @@ def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
 
 def test_w4a16_dispatch_many_tiles_uses_three_blocks_per_sm() -> None:
     """A wide W4A16 layer (>= 4 tiles per SM) at 1 token runs the three-blocks-per-SM tiled variant (plain), then on the
-    next call (weights unchanged) the two-per-round one with PDL, and at 12 tokens the default one: all equal to the
-    float32 reference."""
+    next call (weights unchanged) the persistent folded kernel with PDL, at 6 tokens (past that kernel's shared memory
+    at K = 4096) the two-per-round one with PDL, and at 12 tokens the default one: all equal to the float32
+    reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms
-    layer = make_layer(256, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
-    assert dispatch.tiled_decode_variant(n, 1, sms, False) == dispatch.TILED_THREE_PER_SM
-    assert dispatch.tiled_decode_variant(n, 1, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
-    for tokens in (1, 1, 12):
-        x = torch.randn(tokens, 256, device=DEV, dtype=torch.float16)
+    n, k = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms, 4096
+    layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
+    assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == dispatch.TILED_THREE_PER_SM
+    assert dispatch.tiled_decode_variant(n, k, 1, sms, True) == dispatch.TILED_FOLDED_PDL
+    assert dispatch.tiled_decode_variant(n, k, 6, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
+    for tokens in (1, 1, 6, 12):
+        x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
         out = layer(x)
         assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
 

@@ -331,18 +331,37 @@ def test_dequant_w4_tiled_op_matches_rows() -> None:
 
 
 def test_tiled_decode_variant_choice() -> None:
-    """Many 16-row tiles per SM at most 8 tokens: three blocks per SM launched plainly, two 128-k blocks per round with
-    PDL; else the default and its PDL twin (the odd variant)."""
+    """Many 16-row tiles per SM at most 8 tokens: three blocks per SM launched plainly; with PDL the persistent folded
+    kernel where its staged activations fit in its shared memory, else two 128-k blocks per round; else the default
+    and its PDL twin (the odd variant)."""
     sms = 132
-    assert dispatch.tiled_decode_variant(11008, 1, sms, False) == dispatch.TILED_THREE_PER_SM  # 688 tiles: 5.2 per SM
-    assert dispatch.tiled_decode_variant(11008, 1, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
-    assert dispatch.tiled_decode_variant(11008, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
-    assert dispatch.tiled_decode_variant(4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
+    choose = dispatch.tiled_decode_variant
+    assert choose(11008, 4096, 1, sms, False) == dispatch.TILED_THREE_PER_SM  # 688 tiles: 5.2 per SM
+    assert choose(11008, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL
+    assert choose(11008, 4096, 3, sms, True) == dispatch.TILED_FOLDED_PDL  # 3 x 8 KB + 2 KB of sums: fits
+    assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL  # 4 x 8 KB + 2 KB: does not
+    assert choose(11008, 11008, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # 21.5 KB + 5.4 KB
+    assert choose(11008, 11008, 2, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
+    assert choose(11008, 4096, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
+    assert choose(11008, 4096, 9, sms, True) == dispatch.TILED_DEFAULT + 1
+    assert choose(4096, 4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
     edge = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms
-    assert dispatch.tiled_decode_variant(edge, 8, sms, False) == dispatch.TILED_THREE_PER_SM
-    assert dispatch.tiled_decode_variant(edge, 8, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
-    assert dispatch.tiled_decode_variant(edge - 16, 8, sms, True) == dispatch.TILED_DEFAULT + 1
-    assert dispatch.tiled_decode_variant(edge - 16, 8, sms, False) == dispatch.TILED_DEFAULT
+    assert choose(edge, 1024, 8, sms, False) == dispatch.TILED_THREE_PER_SM
+    assert choose(edge, 1024, 8, sms, True) == dispatch.TILED_FOLDED_PDL
+    assert choose(edge - 16, 1024, 8, sms, True) == dispatch.TILED_DEFAULT + 1
+    assert choose(edge - 16, 1024, 8, sms, False) == dispatch.TILED_DEFAULT
+
+
+def test_folded_decode_fits_the_kernels_shared_memory() -> None:
+    """The dispatcher's copy of the folded kernel's shared-memory rule (w4a16_folded.cu folded_smem_bytes <=
+    kFoldSmemMax): tokens x K fp16 fragments plus 64 bytes per 128-k block within 48 KB less two 8 KB reduction
+    buffers, one to eight tokens."""
+    assert dispatch.FOLDED_SMEM_BYTES == 32 * 1024
+    assert dispatch.folded_decode_fits(3, 4096) and not dispatch.folded_decode_fits(4, 4096)
+    assert dispatch.folded_decode_fits(1, 12288)  # 24 KB + 6 KB
+    assert not dispatch.folded_decode_fits(1, 14336)  # 28 KB + 7 KB: a LLaMA-3-8B down_proj runs the tiled kernel
+    assert not dispatch.folded_decode_fits(0, 128) and not dispatch.folded_decode_fits(9, 128)
+    assert dispatch.folded_decode_fits(8, 1024)  # 16 KB + 512 B
 
 
 def test_dispatch_w4a16_with_inference_tensors() -> None:
