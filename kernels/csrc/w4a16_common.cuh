@@ -228,6 +228,17 @@ __device__ __forceinline__ void store_partials(float (&redw)[16][C], const float
   }
 }
 
+// Output (row r, token b) = output feature n of a tile: the warps' partial sums red[w][r][b] added up, plus the bias.
+template <int WARPS, int ROWS, int C>
+__device__ __forceinline__ void store_reduced(const float (&red)[WARPS][ROWS][C], int r, int b, int n,
+                                              const half* __restrict__ bias, half* __restrict__ out, int N) {
+  float v = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
+  if (bias) v += __half2float(bias[n]);
+  out[(size_t)b * N + n] = __float2half(v);
+}
+
 // Launch `kernel` with the given shape on `stream`, with programmatic dependent launch when `pdl` (the kernel may
 // then start while the previous kernel in the stream drains; it must griddep_wait before touching that kernel's data).
 template <typename... Params, typename... Args>

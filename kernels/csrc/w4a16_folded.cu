@@ -127,20 +127,11 @@ template <int WARPS>
 __device__ __forceinline__ void folded_tile_out(float (&red)[WARPS][16][kFoldSlots], const float (&acc)[4], int warp,
                                                 int g, int t, int tile, const half* __restrict__ bias,
                                                 half* __restrict__ out, int B, int N) {
-  red[warp][g][2 * t] = acc[0];
-  red[warp][g][2 * t + 1] = acc[1];
-  red[warp][g + 8][2 * t] = acc[2];
-  red[warp][g + 8][2 * t + 1] = acc[3];
+  store_partials<1, kFoldSlots>(red[warp], *reinterpret_cast<const float(*)[1][4]>(&acc), g, t);
   __syncthreads();
   if (threadIdx.x < 16 * kFoldSlots) {
     const int r = threadIdx.x / kFoldSlots, b = threadIdx.x % kFoldSlots, n = tile * 16 + r;
-    if (b < B && n < N) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
-      if (bias) v += __half2float(bias[n]);
-      out[(size_t)b * N + n] = __float2half(v);
-    }
+    if (b < B && n < N) store_reduced(red, r, b, n, bias, out, N);
   }
 }
 

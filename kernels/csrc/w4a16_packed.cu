@@ -157,13 +157,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
   for (int i = threadIdx.x; i < 16 * TILES * C; i += blockDim.x) {
     const int r = i / C, b = i % C;
     const int n = n0 + r;
-    if (b < B && n < N) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
-      if (bias) v += __half2float(bias[n]);
-      out[(size_t)b * N + n] = __float2half(v);
-    }
+    if (b < B && n < N) w4::store_reduced(red, r, b, n, bias, out, N);
   }
 }
 
