@@ -86,10 +86,15 @@ __device__ __forceinline__ void stage_folded(const half* __restrict__ x, int B, 
       e += __shfl_xor_sync(0xffffffffu, e, off);
       o += __shfl_xor_sync(0xffffffffu, o, off);
     }
-    if (i < total && (i & 15) == 0) {
-      const int bk = i >> 4, b = bk / KB, kb = bk - b * KB;
-      const float2 s = make_float2(-(1024.f * e + 64.f * o), e + o);
-      for (int slot = b; slot < (b == B - 1 ? kFoldSlots : b + 1); ++slot) sums[kb * kFoldSlots + slot] = s;
+    // every lane of the half warp holds the sums: lane s (< 8) writes token slot s where that slot shows this token
+    const int slot = i & 15;
+    if (i < total && slot < kFoldSlots) {
+      int b = 0, kb = i >> 4;  // token and 128-k block of item i without a division (B <= 8)
+      while (kb >= KB) {
+        kb -= KB;
+        ++b;
+      }
+      if (min(slot, B - 1) == b) sums[kb * kFoldSlots + slot] = make_float2(-(1024.f * e + 64.f * o), e + o);
     }
   }
 }
@@ -153,43 +158,50 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   const int g = lane >> 2, t = lane & 3;
   const uint4* xl = xs + (size_t)min(g, B - 1) * KB * 16 + t;
   const float4* sl = reinterpret_cast<const float4*>(sums) + t;  // slots 2t, 2t + 1 of block kb at [kb * 4]
-  const int per_tile = warp < KB ? (KB - 1 - warp) / WARPS + 1 : 0;  // this warp's 128-k blocks per tile
-  const int my_tiles = (int)blockIdx.x < tiles ? (tiles - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
-  const int items = per_tile * my_tiles;
-
+  // No integer divisions before the first requests: a warp's sequences end where its load / compute cursors pass the
+  // last tile (a grid of one wave: every block has at least one tile).
   uint4 va[DEPTH], vb[DEPTH];
   uint2 mw[DEPTH];
-  int load_tile = blockIdx.x, load_kb = warp;  // the next item to request
+  // the next item to request: tile, 128-k block, its codes (row g; row g + 8 at +32 units) and the tile's metadata
+  int load_tile = blockIdx.x, load_kb = warp;
+  const uint4* wp = reinterpret_cast<const uint4*>(qt) + ((size_t)load_tile * KB + warp) * 64 + lane;
+  const uint2* mp = meta + (size_t)load_tile * G * 8 + g;
   auto load_item = [&](int d) {
-    va[d] = __ldg(reinterpret_cast<const uint4*>(qt) + ((size_t)load_tile * KB + load_kb) * 64 + lane);
-    vb[d] = __ldg(reinterpret_cast<const uint4*>(qt) + ((size_t)load_tile * KB + load_kb) * 64 + lane + 32);
-    mw[d] = __ldg(meta + ((size_t)load_tile * G + (kpg == 1 ? load_kb : load_kb / kpg)) * 8 + g);
+    va[d] = __ldg(wp);
+    vb[d] = __ldg(wp + 32);
+    mw[d] = __ldg(mp + 8 * (kpg == 1 ? load_kb : load_kb / kpg));
     load_kb += WARPS;
+    wp += WARPS * 64;
     if (load_kb >= KB) {
       load_kb = warp;
       load_tile += gridDim.x;
+      wp = reinterpret_cast<const uint4*>(qt) + ((size_t)load_tile * KB + warp) * 64 + lane;
+      mp = meta + (size_t)load_tile * G * 8 + g;
     }
   };
+  const bool has_items = warp < KB;  // else: no 128-k blocks (K < 128 WARPS), only the tiles' reductions
+  if (has_items) {
 #pragma unroll
-  for (int d = 0; d < DEPTH; ++d)
-    if (d < items) load_item(d);  // weights and metadata only: nothing the previous kernel writes
+    for (int d = 0; d < DEPTH; ++d)
+      if (load_tile < tiles) load_item(d);  // weights and metadata only: nothing the previous kernel writes
+  }
   griddep_wait();  // the activations (and the output buffer) may belong to the previous kernel
   stage_folded<WARPS * 32>(x, B, KB, xs, sums);
   __syncthreads();
-  if (items == 0) {  // a warp without 128-k blocks (K < 128 WARPS) still joins every tile's reduction
+  if (!has_items) {
     const float zero[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int i = 0; i < my_tiles; ++i)
-      folded_tile_out<WARPS>(red[i & 1], zero, warp, g, t, blockIdx.x + i * gridDim.x, bias, out, B, N);
+    for (int tile = blockIdx.x, i = 0; tile < tiles; tile += gridDim.x, ++i)
+      folded_tile_out<WARPS>(red[i & 1], zero, warp, g, t, tile, bias, out, B, N);
     return;
   }
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int tile = blockIdx.x, kb = warp, done_tiles = 0;
-  for (int j0 = 0; j0 < items; j0 += DEPTH) {
+  while (tile < tiles) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
-      if (j0 + d >= items) break;
+      if (tile >= tiles) break;
       folded_kblock(va[d], vb[d], mw[d], xl, sl, kb, acc);
-      if (j0 + d + DEPTH < items) load_item(d);
+      if (load_tile < tiles) load_item(d);
       kb += WARPS;
       if (kb >= KB) {
         folded_tile_out<WARPS>(red[done_tiles & 1], acc, warp, g, t, tile, bias, out, B, N);
