@@ -1,7 +1,7 @@
 // W4A16 decode (1 to 8 tokens, as long as the staged activations fit in 32 KB of shared memory: 3 tokens at K = 4096,
 // 1 at K = 11008) over tiled codes with the zero points folded out of the code expansion, on a persistent grid.
 // kernels.dispatch launches it with PDL where there are many 16-row tiles per SM (4096 x 11008 on the H200: 8.3-8.4 us
-// against 9.7-9.8 for the tiled kernel's best launch, runs v16i-k).
+// against 9.7-9.8 for the tiled kernel's best launch, runs v16i-l).
 //
 // The tiled kernel (w4a16_packed.cu) spends most of its ~160 instructions per warp and 128-k block on the weights'
 // expansion (dq_word4: 9 per 32-bit word, 4 of them the zero-point HSUB2 / HFMA2) and on the activations' byte permutes
@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
 // registers) 11.7-11.9 / 9.2-9.3; the same persistent ring without the folding (zero points in the expansion,
 // activations from global memory) 11.0 / 9.4; one tile per block (not persistent: the staging paid per tile) 12.3-12.9 /
 // 10.8-12.1. v16f: one block of 16 warps per SM with 4 / 6 ahead 9.6 / 10.1; v16k: an L2 prefetch of the next 2 / 4
-// items before griddepcontrol.wait 9.6 / 10.4 (vs 8.3).
+// items before griddepcontrol.wait 9.6 / 10.4 (vs 8.3); v16l: the tile reduction by shared-memory atomics and a last
+// arriving warp instead of the block barrier 9.7 (vs 8.4).
 constexpr int kFoldWarps = 16, kFoldDepth = 2, kFoldBlocksPerSM = 2;
 
 template <int WARPS, int DEPTH, int MINB>
