@@ -257,10 +257,6 @@ void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
-// Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment
-// or shared-memory budget does not allow it (the caller then uses the register-streaming kernel).
-// bulk: TMA bulk copies (else 16-byte cp.async); pdl: launch with programmatic dependent launch (the weight
-// copies are issued before waiting for the previous kernel in the stream; the activations are read after).
 // Launch the folded-zero-point decode kernel over tiled codes (w4a16_folded.cu: a persistent grid of two 16-warp blocks
 // per SM, codes requested two 128-k blocks ahead), with programmatic dependent launch when pdl; false where it does not
 // apply (more than 8 tokens, or the staged activations past its 32 KB of shared memory): the caller then launches the
@@ -268,6 +264,10 @@ void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
 bool launch_folded_decode(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size);
 
+// Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment
+// or shared-memory budget does not allow it (the caller then uses the register-streaming kernel).
+// bulk: TMA bulk copies (else 16-byte cp.async); pdl: launch with programmatic dependent launch (the weight
+// copies are issued before waiting for the previous kernel in the stream; the activations are read after).
 bool launch_stream_decode(int nt_groups, bool bulk, bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw,
                           const float* scale, const float* zero, const half* bias, half* out, int B, int N, int K,
                           int group_size);

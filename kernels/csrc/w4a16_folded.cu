@@ -18,7 +18,7 @@
 // The staging costs a dependent global read and a block barrier before the first mma: paid once per 16-row tile it made
 // the kernel slower than the tiled one (v16a), so the grid is persistent (two 16-warp blocks per SM looping over tiles)
 // and each warp requests its codes two 128-k blocks ahead across tile boundaries. With only one tile per block (N <=
-// 4224 on 132 SMs) it stays slower than the tiled kernel (4096 x 4096: 5.3 vs 4.2 us with PDL).
+// 4224 on 132 SMs) it stays slower than the tiled kernel (4096 x 4096: 4.8-4.9 vs 4.2 us with PDL, v16i-l).
 //
 // Layouts: codes as reference.pack_w4_tiled (1 KB per 16-row x 128-k block, lane-ordered), metadata words as
 // reference.pack_w4_meta (fp32 scale, zero point in the 4 low bits). Shared activations [B][KB][q 4][t 4] fragment
