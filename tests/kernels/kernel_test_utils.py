@@ -26,15 +26,17 @@ def rand_codes(shape: tuple[int, int], bits: int, gen: torch.Generator) -> torch
     return pack_int4(u) if bits == 4 else u
 
 
-def w4a16_case(gen: torch.Generator, tokens: int, k: int, n: int, group: int):
+def w4a16_case(gen: torch.Generator, tokens: int, k: int, n: int, group: int, with_bias: bool = True):
     """Random int4 codes (1..15), per-group scale/zero, bias and activations on the CPU, drawn from ``gen`` in
-    that order, and the float64 reference output."""
+    that order, and the float64 reference output (without the bias when not ``with_bias``; the bias is drawn either
+    way, so the other tensors stay the same)."""
     qw = rand_codes((n, k), 4, gen)
     scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
     zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
     bias = (torch.randn(n, generator=gen) * 0.1).half()
     x = torch.randn(tokens, k, generator=gen).half()
-    return qw, scale, zero, bias, x, reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group, bias)
+    return qw, scale, zero, bias, x, reference.w4a16_gemm_ref(x.double(), qw, scale, zero, group,
+                                                              bias if with_bias else None)
 
 
 class DenseHadamard(InputTransform):
