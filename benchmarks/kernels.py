@@ -122,17 +122,8 @@ W4A16_PACKED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 wa
 W4A16_TILED_VARIANTS = ["16 warps x 1 block (dispatched)", "16 warps x 1 block, PDL (dispatched)", "16 warps x 2 blocks",
                         "16 warps x 2 blocks, PDL", "16 warps x 1 block, 3 blocks/SM", "16 warps x 1 block, 3 blocks/SM, PDL",
                         "16 warps x 1 block x 2 row tiles", "16 warps x 1 block x 2 row tiles, PDL",
-                        "persistent, zero points folded", "persistent, zero points folded, PDL",
-                        "persistent, zero points folded, items split evenly",
-                        "persistent, zero points folded, items split evenly, PDL (dispatched at >= 4 tiles/SM, K / 128 "
-                        "a multiple of 16)"]
+                        "persistent, zero points folded", "persistent, zero points folded, PDL (dispatched at >= 4 tiles/SM)"]
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
-
-
-def tiled_workspace(ext) -> torch.Tensor:
-    """A zeroed workspace for the tiled decode variants that split items evenly (10 / 11); one suffices for calls in
-    one stream (each leaves it zeroed)."""
-    return torch.zeros(int(ext.w4a16_tiled_workspace_words()), dtype=torch.int64, device="cuda")
 
 
 TransformCase = tuple[str, int, int, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
@@ -190,9 +181,8 @@ def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, 
         add(f"W4A16 packed-meta variant {v}: {label}", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
     # the same kernel over codes in the tiled order (reference.pack_w4_tiled: each 16-byte load covers whole lines)
     tiled = [reference.pack_w4_tiled(q[0]) for q in w4]
-    ws = tiled_workspace(ext)
     for v, label in enumerate(W4A16_TILED_VARIANTS):
-        t = bench([lambda qt=qt, mt=mt, x=x, v=v: ext.w4a16_gemm_packed_tiled(x, qt, mt, group, None, n, v, ws)
+        t = bench([lambda qt=qt, mt=mt, x=x, v=v: ext.w4a16_gemm_packed_tiled(x, qt, mt, group, None, n, v)
                    for qt, mt, x in zip(tiled, metas, xs4)])
         add(f"W4A16 tiled codes variant {v}: {label}" + (PDL_NOTE if "PDL" in label else ""), t, nbytes, flops,
             PEAK_FP16_TFLOPS, t_fp16)

@@ -213,10 +213,6 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 # SM (40 registers) when launched plainly and, with PDL, the persistent folded-zero-point kernel (w4a16_folded.cu) where
 # its staged activations fit, else two 128-k blocks per round (two per SM).
 TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL, TILED_FOLDED_PDL = 0, 4, 3, 9
-# The folded kernel with its 128-k items split evenly over the blocks instead of whole tiles dealt round robin (needs a
-# per-layer workspace, see _decode_workspace): where the 128-k blocks per row are a multiple of its 16 warps.
-TILED_FOLDED_BALANCED_PDL = 11
-FOLDED_WARPS = 16
 # tiles per SM from which those pay (H200 v11f, 4096x11008 = 5.2 tiles per SM: three per SM 11.4 -> 10.8 us; at 1.9
 # tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us). With PDL at 4096x11008 the two-per-round variant was the
 # faster of the tiled ones in four runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2, v12c 9.7 vs
@@ -235,13 +231,6 @@ def folded_decode_fits(tokens: int, in_features: int) -> bool:
     return 1 <= tokens <= 8 and tokens * in_features * 2 + (in_features // 128) * 64 <= FOLDED_SMEM_BYTES
 
 
-def folded_balanced_applies(in_features: int) -> bool:
-    """Whether the folded kernel's even split (variant ``TILED_FOLDED_BALANCED_PDL``) takes rows of ``in_features``
-    where the folded kernel does (its C++ launcher otherwise falls back to the round-robin one): each warp's items
-    must be every 16th of its block's run."""
-    return in_features % 128 == 0 and (in_features // 128) % FOLDED_WARPS == 0
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -252,32 +241,13 @@ def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: 
     (odd: launched with programmatic dependent launch). Where there are at least ``TILED_MANY_TILES_PER_SM`` 16-row
     tiles per SM and one token group (<= 8 tokens; at 16 tokens the variants below are slower, three per SM spills):
     three 16-warp blocks per SM for a plain launch; for a PDL one the persistent folded kernel where its activations
-    fit (:func:`folded_decode_fits`; with its items split evenly over the blocks where :func:`folded_balanced_applies`),
-    else two 128-k blocks per round; else the default."""
+    fit (:func:`folded_decode_fits`), else two 128-k blocks per round; else the default."""
     tiles = -(-out_features // 16)
     if tokens <= 8 and tiles >= TILED_MANY_TILES_PER_SM * sms:
         if not pdl:
             return TILED_THREE_PER_SM
-        if not folded_decode_fits(tokens, in_features):
-            return TILED_TWO_PER_ROUND_PDL
-        return TILED_FOLDED_BALANCED_PDL if folded_balanced_applies(in_features) else TILED_FOLDED_PDL
+        return TILED_FOLDED_PDL if folded_decode_fits(tokens, in_features) else TILED_TWO_PER_ROUND_PDL
     return TILED_DEFAULT + (1 if pdl else 0)
-
-
-def _decode_workspace(layer: "QuantLinear", ext: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's zeroed workspace for the balanced folded decode kernel on ``x``'s device (the kernel leaves it zeroed
-    again; one per layer, so layers never share one), made on its first such call, never inside a CUDA-graph capture
-    (None there: the caller then launches the round-robin kernel)."""
-    cache: dict[str, Any] = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    ws = cache.get("decode_workspace")
-    if ws is not None and ws.device == x.device:
-        return ws
-    if _capturing(x):
-        return None
-    with torch.cuda.device(x.device):
-        ws = torch.zeros(int(ext.w4a16_tiled_workspace_words()), dtype=torch.int64, device=x.device)
-    cache["decode_workspace"] = ws
-    return ws
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -436,10 +406,7 @@ def quant_linear_forward(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
                 out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n)
             elif decode:
                 v = tiled_decode_variant(n, layer.in_features, tokens, _sm_count(x2.device.index or 0), pdl)
-                ws = _decode_workspace(layer, k, x2) if v == TILED_FOLDED_BALANCED_PDL else None
-                if v == TILED_FOLDED_BALANCED_PDL and ws is None:
-                    v = TILED_FOLDED_PDL
-                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, v, ws)
+                out = k.w4a16_gemm_packed_tiled(x2, layer.qweight, meta, layer.group_size, bias, n, v)
             else:
                 out = k.w4a16_gemm_batched(x2, layer.qweight, meta, layer.group_size, bias, n)
         elif meta is not None and decode and k is ops:

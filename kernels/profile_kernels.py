@@ -37,12 +37,11 @@ def profile_w4a16(
         copies.append((qw, scale, zero, reference.pack_w4_meta(scale, zero) if packed or tiled or batched_tokens
                        else None))
     x = torch.randn(max(1, batched_tokens), k, generator=gen).half().cuda()
-    ws = torch.zeros(int(ext.w4a16_tiled_workspace_words()), dtype=torch.int64, device="cuda") if tiled else None
     for qw, scale, zero, meta in copies:
         if batched_tokens:
             ext.w4a16_gemm_batched(x, qw, meta, group, None, n, variant, splits)
         elif tiled:
-            ext.w4a16_gemm_packed_tiled(x, qw, meta, group, None, n, variant, ws)
+            ext.w4a16_gemm_packed_tiled(x, qw, meta, group, None, n, variant)
         elif packed:
             ext.w4a16_gemm_packed_variant(x, qw, meta, group, None, variant)
         else:

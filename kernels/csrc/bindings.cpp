@@ -23,8 +23,7 @@ at::Tensor w4a16_gemm_packed_variant_cuda(const at::Tensor& x, const at::Tensor&
 int64_t w4a16_packed_num_variants();
 at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
                                         int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
-                                        int64_t variant, const c10::optional<at::Tensor>& workspace);
-int64_t w4a16_tiled_workspace_words();
+                                        int64_t variant);
 at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
                                    int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
                                    int64_t variant, int64_t splits);
@@ -80,12 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm_packed_tiled", &qaas::w4a16_gemm_packed_tiled_cuda,
         "w4a16_gemm_packed over codes in the tiled order of reference.pack_w4_tiled (n output features; variant 0-7: "
         "16 warps x 1 block, x 2 blocks, 3 blocks/SM, 2 tiles per block; 8-9: persistent with the zero points folded out "
-        "(w4a16_folded.cu); 10-11: the same with the work split evenly over the blocks, needing workspace (int64, "
-        "w4a16_tiled_workspace_words() long, zeroed once); even plain, odd PDL)",
-        py::arg("x"), py::arg("qt"), py::arg("meta"), py::arg("group_size"), py::arg("bias"), py::arg("n"),
-        py::arg("variant"), py::arg("workspace") = py::none());
-  m.def("w4a16_tiled_workspace_words", &qaas::w4a16_tiled_workspace_words,
-        "int64 words of the workspace of w4a16_gemm_packed_tiled variants 10 / 11 on the current device");
+        "(w4a16_folded.cu); even plain, odd PDL)");
   m.def("w4a16_gemm_batched", &qaas::w4a16_gemm_batched_cuda,
         "int4 weight x fp16 activation GEMM for batched decode / short prefills (any M) over tiled codes and packed "
         "metadata (n output features; variant -1 by M, 0-3: see w4a16_batched.cu; splits: cluster blocks splitting K, "

@@ -228,27 +228,15 @@ __device__ __forceinline__ void store_partials(float (&redw)[16][C], const float
   }
 }
 
-// The warps' partial sums red[w][r][b] of (row r, token b) added up.
-template <int WARPS, int ROWS, int C>
-__device__ __forceinline__ float reduced_sum(const float (&red)[WARPS][ROWS][C], int r, int b) {
-  float v = 0.f;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
-  return v;
-}
-
-// Output feature n of token b: v plus the bias, as fp16.
-__device__ __forceinline__ void store_biased(float v, int b, int n, const half* __restrict__ bias,
-                                             half* __restrict__ out, int N) {
-  if (bias) v += __half2float(bias[n]);
-  out[(size_t)b * N + n] = __float2half(v);
-}
-
 // Output (row r, token b) = output feature n of a tile: the warps' partial sums red[w][r][b] added up, plus the bias.
 template <int WARPS, int ROWS, int C>
 __device__ __forceinline__ void store_reduced(const float (&red)[WARPS][ROWS][C], int r, int b, int n,
                                               const half* __restrict__ bias, half* __restrict__ out, int N) {
-  store_biased(reduced_sum(red, r, b), b, n, bias, out, N);
+  float v = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) v += red[w][r][b];
+  if (bias) v += __half2float(bias[n]);
+  out[(size_t)b * N + n] = __float2half(v);
 }
 
 // Launch `kernel` with the given shape on `stream`, with programmatic dependent launch when `pdl` (the kernel may
@@ -275,15 +263,6 @@ void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
 // tiled kernel.
 bool launch_folded_decode(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size);
-
-// The same kernel with the 128-k items split evenly over the blocks (tiles cut between two blocks meet in `ws`:
-// ws_words 64-bit words, zero when handed over and again when the kernel ends; see w4a16_folded.cu). False where it does
-// not apply: as launch_folded_decode, or 128-k blocks per row not a multiple of 16, fewer tiles than blocks, or a
-// workspace under folded_balanced_workspace_words().
-bool launch_folded_balanced_decode(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
-                                   const half* bias, half* out, int B, int N, int K, int group_size,
-                                   unsigned long long* ws, int64_t ws_words);
-int64_t folded_balanced_workspace_words();
 
 // Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment
 // or shared-memory budget does not allow it (the caller then uses the register-streaming kernel).

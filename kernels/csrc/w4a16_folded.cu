@@ -214,141 +214,6 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   }
 }
 
-// ---- the balanced split (variants 10 / 11) ----------------------------------------------------------------------
-// The persistent kernel above deals whole 16-row tiles to blocks: at 4096 x 11008 (688 tiles, 264 blocks on 132 SMs)
-// blocks get 3 or 2 tiles and SMs 6 or 5, 15% over the mean 5.2. Here block b takes the contiguous run of 128-k items
-// [b T / nb, (b + 1) T / nb) of the T = tiles x KB items in (tile, 128-k block) order, so every SM gets the mean +-1
-// item; a tile cut between two blocks is finished by whichever of them reduces its part second. The two parts meet in
-// a workspace slot per block boundary (16 rows x 8 token slots of 64-bit words: fp32 bits | 1 << 32 once written;
-// zero otherwise): each side swaps its partial sum in with one 64-bit atomic exchange; the side that gets a written
-// word back adds the two, stores the output and clears the word, so the workspace is zero again when the kernel ends
-// (the caller hands it zeroed once, and must not share it with a kernel running concurrently on another stream). The
-// block that holds a tile's first part reduces it last (its final tile), by which time the other block has long
-// published its part (its first tile): it reads the slot when it enters that tile, and only if the word is not written
-// yet swaps at the end.
-// Requires KB a multiple of the warp count (a warp's items are then every WARPS-th item of its block's run) and at
-// least one tile per block (a tile then spans at most two blocks).
-
-__device__ __forceinline__ unsigned long long ws_load(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void ws_clear(unsigned long long* p) {
-  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(0ull) : "memory");
-}
-
-__device__ __forceinline__ unsigned long long ws_word(float v) { return (1ull << 32) | __float_as_uint(v); }
-
-// The block's reduction of one tile of its run (as folded_tile_out); for a tile cut at the run's start (slot `head`)
-// or end (`tail`, with `seen` the word read on entering it) the partial meets its other part in the workspace.
-template <int WARPS>
-__device__ __forceinline__ void balanced_tile_out(float (&red)[WARPS][16][kFoldSlots], const float (&acc)[4], int warp,
-                                                  int g, int t, int tile, const half* __restrict__ bias,
-                                                  half* __restrict__ out, int B, int N, unsigned long long* slot,
-                                                  unsigned long long seen) {
-  store_partials<1, kFoldSlots>(red[warp], *reinterpret_cast<const float(*)[1][4]>(&acc), g, t);
-  __syncthreads();
-  if (threadIdx.x < 16 * kFoldSlots) {
-    const int r = threadIdx.x / kFoldSlots, b = threadIdx.x % kFoldSlots, n = tile * 16 + r;
-    if (b < B && n < N) {
-      float v = reduced_sum(red, r, b);
-      bool mine = true;
-      if (slot) {
-        unsigned long long* p = slot + threadIdx.x;
-        const unsigned long long other = (seen >> 32) ? seen : atomicExch(p, ws_word(v));
-        mine = (other >> 32) != 0;
-        if (mine) {
-          v += __uint_as_float((uint32_t)other);
-          ws_clear(p);
-        }
-      }
-      if (mine) store_biased(v, b, n, bias, out, N);
-    }
-  }
-}
-
-template <int WARPS, int DEPTH, int MINB>
-__global__ void __launch_bounds__(WARPS * 32, MINB)
-    w4a16_folded_balanced_kernel(const half* __restrict__ x, const uint8_t* __restrict__ qt,
-                                 const uint2* __restrict__ meta, const half* __restrict__ bias, half* __restrict__ out,
-                                 int B, int N, int K, int G, int kpg, unsigned long long* __restrict__ ws, int per_block,
-                                 int extra, uint32_t kb_magic) {
-  __shared__ float red[2][WARPS][16][kFoldSlots];
-  extern __shared__ uint4 smem[];
-  griddep_launch_dependents();
-  const int KB = K / 128;
-  // the block's run [s, e) of items j = tile * KB + kb: per_block items each, one more for the first `extra` blocks
-  const int bid = blockIdx.x;
-  const int s = bid * per_block + min(bid, extra), e = s + per_block + (bid < extra ? 1 : 0);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  // this warp's items: j = s + ((warp - s) mod WARPS) + WARPS i < e (KB % WARPS == 0: each tile's kb = warp + WARPS i)
-  int j = s + ((warp - s) & (WARPS - 1));
-  const int t0 = (int)__umulhi((uint32_t)s, kb_magic), t1 = (int)__umulhi((uint32_t)(e - 1), kb_magic);
-  int ltile = (int)__umulhi((uint32_t)j, kb_magic), lkb = j - ltile * KB;  // the next item to request
-  uint4 va[DEPTH], vb[DEPTH];
-  uint2 mw[DEPTH];
-  const uint4* wp = reinterpret_cast<const uint4*>(qt) + (size_t)j * 64 + lane;
-  int lj = j;
-  auto load_item = [&](int d) {
-    va[d] = __ldg(wp);
-    vb[d] = __ldg(wp + 32);
-    mw[d] = __ldg(meta + ((size_t)ltile * G + (kpg == 1 ? lkb : lkb / kpg)) * 8 + g);
-    lj += WARPS;
-    wp += WARPS * 64;
-    lkb += WARPS;
-    if (lkb >= KB) {
-      lkb -= KB;
-      ++ltile;
-    }
-  };
-#pragma unroll
-  for (int d = 0; d < DEPTH; ++d)
-    if (lj < e) load_item(d);  // weights and metadata only: nothing the previous kernel writes
-  griddep_wait();  // the activations, the output buffer and the workspace may belong to the previous kernel
-  uint4* xs = smem;
-  float2* sums = reinterpret_cast<float2*>(smem + (size_t)B * KB * 16);
-  stage_folded<WARPS * 32>(x, B, KB, xs, sums);
-  __syncthreads();
-  const uint4* xl = xs + (size_t)min(g, B - 1) * KB * 16 + t;
-  const float4* sl = reinterpret_cast<const float4*>(sums) + t;
-  // the tiles cut at the run's ends meet their other parts in the slots of this block's boundaries
-  const bool head_cut = s != t0 * KB, tail_cut = e != (t1 + 1) * KB;
-  unsigned long long* head_slot = head_cut ? ws + (size_t)bid * 16 * kFoldSlots : nullptr;
-  unsigned long long* tail_slot = tail_cut ? ws + (size_t)(bid + 1) * 16 * kFoldSlots : nullptr;
-  unsigned long long seen = 0;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int tile = t0, done_tiles = 0;  // the tile being reduced
-  int jtile = (int)__umulhi((uint32_t)j, kb_magic), kb = j - jtile * KB;  // the next item to compute
-  auto finish_tile = [&]() {
-    balanced_tile_out<WARPS>(red[done_tiles & 1], acc, warp, g, t, tile, bias, out, B, N,
-                             tile == t0 ? head_slot : (tile == t1 ? tail_slot : nullptr), tile == t1 ? seen : 0ull);
-    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-    ++tile;
-    ++done_tiles;
-    if (tile == t1 && tail_slot && threadIdx.x < 16 * kFoldSlots) seen = ws_load(tail_slot + threadIdx.x);
-  };
-  if (tile == t1 && tail_slot && threadIdx.x < 16 * kFoldSlots) seen = ws_load(tail_slot + threadIdx.x);
-  while (j < e) {
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-      if (j >= e) break;
-      while (tile < jtile) finish_tile();  // tiles this warp has no (more) items in
-      folded_kblock(va[d], vb[d], mw[d], xl, sl, kb, acc);
-      if (lj < e) load_item(d);
-      j += WARPS;
-      kb += WARPS;
-      if (kb >= KB) {
-        kb -= KB;
-        ++jtile;
-      }
-    }
-  }
-  while (tile <= t1) finish_tile();
-}
-
 // H200 runs v16a-c (4096 x 11008, 1 token, before the prologue trims of v16h/i): two 16-warp blocks per SM with codes
 // requested two 128-k blocks ahead 11.0-11.1 us plain, 8.9-9.0 us with PDL; one ahead 11.3 / 9.6, three ahead (64
 // registers) 11.7-11.9 / 9.2-9.3; the same persistent ring without the folding (zero points in the expansion,
@@ -358,40 +223,18 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
 // arriving warp instead of the block barrier 9.7 (vs 8.4).
 constexpr int kFoldWarps = 16, kFoldDepth = 2, kFoldBlocksPerSM = 2;
 
-int current_sm_count() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 template <int WARPS, int DEPTH, int MINB>
 void launch_folded(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta, const half* bias,
                    half* out, int B, int N, int K, int G, int kpg) {
-  const int blocks = std::min((N + 15) / 16, MINB * current_sm_count());  // one wave
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int blocks = std::min((N + 15) / 16, MINB * sms);  // one wave
   launch_maybe_pdl(w4a16_folded_kernel<WARPS, DEPTH, MINB>, dim3((unsigned)blocks), dim3(WARPS * 32),
                    folded_smem_bytes(B, K), stream, pdl, x, qt, meta, bias, out, B, N, K, G, kpg);
 }
 
 }  // namespace
-
-int64_t folded_balanced_workspace_words() { return (int64_t)kFoldBlocksPerSM * current_sm_count() * 16 * kFoldSlots; }
-
-bool launch_folded_balanced_decode(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
-                                   const half* bias, half* out, int B, int N, int K, int group_size,
-                                   unsigned long long* ws, int64_t ws_words) {
-  const int blocks = kFoldBlocksPerSM * current_sm_count(), KB = K / 128, tiles = (N + 15) / 16;
-  const long long total = (long long)tiles * KB;
-  if (B < 1 || B > kFoldSlots || folded_smem_bytes(B, K) > kFoldSmemMax || KB % kFoldWarps || tiles < blocks ||
-      total * KB >= (1ll << 32) || ws == nullptr || ws_words < (int64_t)blocks * 16 * kFoldSlots)
-    return false;
-  // j / KB as __umulhi(j, ceil(2^32 / KB)): exact for j * KB < 2^32
-  const uint32_t kb_magic = (uint32_t)(((1ull << 32) + KB - 1) / KB);
-  launch_maybe_pdl(w4a16_folded_balanced_kernel<kFoldWarps, kFoldDepth, kFoldBlocksPerSM>, dim3((unsigned)blocks),
-                   dim3(kFoldWarps * 32), folded_smem_bytes(B, K), stream, pdl, x, qt, meta, bias, out, B, N, K,
-                   K / group_size, group_size / 128, ws, (int)(total / blocks), (int)(total % blocks), kb_magic);
-  return true;
-}
 
 bool launch_folded_decode(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {

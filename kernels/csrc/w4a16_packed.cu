@@ -188,19 +188,11 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // Tiled-weight variants (w4a16_gemm_packed_tiled): 0 / 1 = variant 0 / 1 (16 warps x 1 block, plain / PDL), 2 / 3 =
 // variant 4 / 5 (16 warps x 2 blocks), 4 / 5 three 16-warp blocks per SM (40 registers), 6 / 7 two 16-row tiles per
 // block (16 warps); 8 / 9 the persistent folded-zero-point kernel of w4a16_folded.cu where it applies (<= 8 tokens,
-// activations within its shared memory), else 0 / 1; 10 / 11 the same kernel with its 128-k items split evenly over the
-// blocks (needs a workspace: w4::launch_folded_balanced_decode) where that applies, else 8 / 9.
-constexpr int kNumTiledVariants = 12, kFirstFoldedVariant = 8, kFirstBalancedVariant = 10;
+// activations within its shared memory), else 0 / 1.
+constexpr int kNumTiledVariants = 10, kFirstFoldedVariant = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
-                          const half* bias, half* out, int B, int N, int K, int group_size, unsigned long long* ws,
-                          int64_t ws_words) {
-  if (variant >= kFirstBalancedVariant) {
-    if (NT == 1 && w4::launch_folded_balanced_decode(variant & 1, stream, x, qt, meta, bias, out, B, N, K, group_size,
-                                                     ws, ws_words))
-      return;
-    variant = kFirstFoldedVariant + (variant & 1);
-  }
+                          const half* bias, half* out, int B, int N, int K, int group_size) {
   if (variant >= kFirstFoldedVariant) {
     if (NT == 1 && w4::launch_folded_decode(variant & 1, stream, x, qt, meta, bias, out, B, N, K, group_size))
       return;
@@ -286,27 +278,16 @@ at::Tensor w4a16_gemm_packed_cuda(const at::Tensor& x, const at::Tensor& qw, con
 
 int64_t w4a16_packed_num_variants() { return kNumPackedVariants; }
 
-// The same GEMV over codes in the tiled order (reference.pack_w4_tiled, [ceil(N/16) * 16, K/2]); n: output features;
-// workspace: int64 words, zeroed once by the caller, for variants 10 / 11 (w4a16_tiled_workspace_words()).
+// The same GEMV over codes in the tiled order (reference.pack_w4_tiled, [ceil(N/16) * 16, K/2]); n: output features.
 at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& meta,
                                         int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t n,
-                                        int64_t variant, const c10::optional<at::Tensor>& workspace) {
+                                        int64_t variant) {
   TORCH_CHECK(x.dim() == 2 && qt.dim() == 2, "w4a16_packed_tiled: x and qt must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = n;
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..11");
-  unsigned long long* ws = nullptr;
-  int64_t ws_words = 0;
-  if (workspace.has_value()) {
-    TORCH_CHECK(workspace->is_cuda() && workspace->device() == x.device() && workspace->scalar_type() == at::kLong &&
-                    workspace->is_contiguous(),
-                "w4a16_packed_tiled: workspace must be a contiguous int64 CUDA tensor on x's device");
-    ws = reinterpret_cast<unsigned long long*>(workspace->data_ptr<int64_t>());
-    ws_words = workspace->numel();
-  }
-  TORCH_CHECK(variant < kFirstBalancedVariant || ws != nullptr, "w4a16_packed_tiled: variants 10 / 11 need a workspace");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..9");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
@@ -317,14 +298,12 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   half* op = reinterpret_cast<half*>(out.data_ptr<at::Half>());
   if (M <= 8)
     launch_tiled_variant<1>((int)variant, stream, xp, qt.data_ptr<uint8_t>(), mp, bp, op, (int)M, (int)N, (int)K,
-                            (int)group_size, ws, ws_words);
+                            (int)group_size);
   else
     launch_tiled_variant<2>((int)variant, stream, xp, qt.data_ptr<uint8_t>(), mp, bp, op, (int)M, (int)N, (int)K,
-                            (int)group_size, ws, ws_words);
+                            (int)group_size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
-
-int64_t w4a16_tiled_workspace_words() { return w4::folded_balanced_workspace_words(); }
 
 }  // namespace qaas

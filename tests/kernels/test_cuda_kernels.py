@@ -421,12 +421,7 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-def _tiled_workspace() -> torch.Tensor:
-    """A zeroed workspace for the balanced folded decode kernel (tiled variants 10 / 11) on this device."""
-    return torch.zeros(int(kernels._ext.extension().w4a16_tiled_workspace_words()), dtype=torch.int64, device=DEV)
-
-
-@pytest.mark.parametrize("variant", range(12))
+@pytest.mark.parametrize("variant", range(10))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
@@ -435,55 +430,20 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
     blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
     second tile clamped), N not a multiple of 16 (zero rows padding the last tile); variants 8 / 9 the persistent
     folded-zero-point kernel (w4a16_folded.cu) where its staged activations fit in 32 KB (1 token; 5 tokens at
-    K <= 1024), else variant 0 / 1; variants 10 / 11 (its even split) fall back to 8 / 9 at these few tiles."""
+    K <= 1024), else variant 0 / 1."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
     meta = reference.pack_w4_meta(scale, zero).to(DEV)
     tiled = reference.pack_w4_tiled(qw).to(DEV)
     _poison(tokens * n * 2)
-    out = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant, _tiled_workspace())
+    out = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant)
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
     with pytest.raises(RuntimeError, match="pack_w4_tiled"):
         ext.w4a16_gemm_packed_tiled(x.to(DEV), qw.to(DEV) if n % 16 else qw[:-1].to(DEV), meta, group, None, n, 0)
-    with pytest.raises(RuntimeError, match="need a workspace"):
-        ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, None, n, 10)
 
 
-@pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("tokens", [1, 2, 3])
-@pytest.mark.parametrize("k,n", [(4096, 11008), (4096, 8200), (2048, 9000), (6144, 4224 * 2)])
-def test_w4a16_folded_balanced(pdl: bool, tokens: int, k: int, n: int) -> None:
-    """The folded decode kernel with its 128-k items split evenly over the blocks (tiled variants 10 / 11): tiles cut
-    between two blocks (LLaMA-7B's 688 tiles over two blocks per SM; N = 8200 / 9000: the last tile padded; 16 and 48
-    128-k blocks per row) equal the reference; three calls in a row and a CUDA-graph replay give the same bits (the
-    two parts of a cut tile add in either order alike) and leave the workspace zeroed; a workspace one block short
-    falls back to the round-robin kernel (variants 8 / 9)."""
-    ext = kernels._ext.extension()
-    variant = 10 + int(pdl)
-    gen = torch.Generator().manual_seed(tokens * 7 + k + n)
-    qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, 128)
-    meta = reference.pack_w4_meta(scale, zero).to(DEV)
-    tiled = reference.pack_w4_tiled(qw).to(DEV)
-    xd, bd, ws = x.to(DEV), bias.to(DEV), _tiled_workspace()
-
-    def run() -> torch.Tensor:
-        return ext.w4a16_gemm_packed_tiled(xd, tiled, meta, 128, bd, n, variant, ws)
-
-    _poison(tokens * n * 2)
-    first = run()
-    assert first.shape == (tokens, n) and rel_err(first, ref) < 2e-3
-    assert int(ws.count_nonzero()) == 0
-    for _ in range(2):
-        assert torch.equal(run(), first)
-    assert torch.equal(_graph_replayed(run), first) and int(ws.count_nonzero()) == 0
-    short = ws[: ws.numel() - 16 * 8]
-    fallback = ext.w4a16_gemm_packed_tiled(xd, tiled, meta, 128, bd, n, variant, short)
-    assert rel_err(fallback, ref) < 2e-3
-    assert torch.equal(fallback, ext.w4a16_gemm_packed_tiled(xd, tiled, meta, 128, bd, n, 8 + int(pdl)))
-
-
-@pytest.mark.parametrize("variant", [8, 9, 10, 11])
+@pytest.mark.parametrize("variant", [8, 9])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 @pytest.mark.parametrize("k,n", [(4096, 8200), (11008, 4400)])
 def test_w4a16_folded_activation_range(variant: int, tokens: int, k: int, n: int) -> None:
@@ -493,7 +453,7 @@ def test_w4a16_folded_activation_range(variant: int, tokens: int, k: int, n: int
     4400: 513 / 275 tiles (the last one padded), more than the folded kernel's persistent grid of two blocks per SM on
     an H100 / H200, so blocks loop over several tiles (at K = 11008 with 86 128-k blocks split unevenly over 16 warps).
     Where the staged activations exceed its 32 KB of shared memory (8 tokens, and 3 at K = 11008) the tiled kernel
-    runs instead. Variants 10 / 11: the even split over the blocks (at K = 11008 it falls back to 8 / 9)."""
+    runs instead."""
     ext = kernels._ext.extension()
     group = 128
     gen = torch.Generator().manual_seed(variant * 5 + tokens + k)
@@ -507,7 +467,7 @@ def test_w4a16_folded_activation_range(variant: int, tokens: int, k: int, n: int
     meta = reference.pack_w4_meta(scale, zero).to(DEV)
     tiled = reference.pack_w4_tiled(qw).to(DEV)
     _poison(tokens * n * 2)
-    out = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant, _tiled_workspace())
+    out = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant)
     base = ext.w4a16_gemm_packed_tiled(x.to(DEV), tiled, meta, group, bias.to(DEV), n, variant & 1)
     assert rel_err(out, ref) < 2e-3
     assert rel_err(out, ref) < 2 * rel_err(base, ref) + 1e-4
@@ -681,30 +641,19 @@ def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
 
 def test_w4a16_dispatch_many_tiles_uses_three_blocks_per_sm() -> None:
     """A wide W4A16 layer (>= 4 tiles per SM) at 1 token runs the three-blocks-per-SM tiled variant (plain), then on the
-    next calls (weights unchanged) the persistent folded kernel with PDL, its items split evenly over the blocks (the
-    layer's workspace made once, zeroed again after each call; inside a CUDA-graph capture with no workspace yet, the
-    round-robin one), at 6 tokens (past that kernel's shared memory at K = 4096) the two-per-round one with PDL, and
-    at 12 tokens the default one: all equal to the float32 reference."""
+    next call (weights unchanged) the persistent folded kernel with PDL, at 6 tokens (past that kernel's shared memory
+    at K = 4096) the two-per-round one with PDL, and at 12 tokens the default one: all equal to the float32
+    reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n, k = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms + 16 * 7, 4096
+    n, k = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms, 4096
     layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
     assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == dispatch.TILED_THREE_PER_SM
-    assert dispatch.tiled_decode_variant(n, k, 1, sms, True) == dispatch.TILED_FOLDED_BALANCED_PDL
+    assert dispatch.tiled_decode_variant(n, k, 1, sms, True) == dispatch.TILED_FOLDED_PDL
     assert dispatch.tiled_decode_variant(n, k, 6, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
-    for tokens in (1, 1, 1, 6, 12):
+    for tokens in (1, 1, 6, 12):
         x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
         out = layer(x)
         assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
-    ws = dispatch._decode_workspace(layer, kernels._ext.extension(), x)
-    assert ws is not None and int(ws.count_nonzero()) == 0
-    fresh = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
-    x = torch.randn(1, k, device=DEV, dtype=torch.float16)
-    fresh(x)  # codes tiled and metadata stamped: the next call launches with PDL
-    captured = _graph_replayed(lambda: fresh(x))  # no workspace made inside the capture: the round-robin kernel
-    assert "decode_workspace" not in fresh.__dict__[dispatch._CACHE_ATTR]
-    ref = fresh.reference_forward(x.float())
-    assert rel_err(captured, ref) < 3e-3 and rel_err(fresh(x), ref) < 3e-3
-    assert "decode_workspace" in fresh.__dict__[dispatch._CACHE_ATTR]
 
 
 def test_memory_probe_runs() -> None:

@@ -332,24 +332,22 @@ def test_dequant_w4_tiled_op_matches_rows() -> None:
 
 def test_tiled_decode_variant_choice() -> None:
     """Many 16-row tiles per SM at most 8 tokens: three blocks per SM launched plainly; with PDL the persistent folded
-    kernel where its staged activations fit in its shared memory (its items split evenly over the blocks where the
-    128-k blocks per row are a multiple of 16), else two 128-k blocks per round; else the default and its PDL twin (the
-    odd variant)."""
+    kernel where its staged activations fit in its shared memory, else two 128-k blocks per round; else the default
+    and its PDL twin (the odd variant)."""
     sms = 132
     choose = dispatch.tiled_decode_variant
     assert choose(11008, 4096, 1, sms, False) == dispatch.TILED_THREE_PER_SM  # 688 tiles: 5.2 per SM
-    assert choose(11008, 4096, 1, sms, True) == dispatch.TILED_FOLDED_BALANCED_PDL  # 32 128-k blocks per row
-    assert choose(11008, 4096, 3, sms, True) == dispatch.TILED_FOLDED_BALANCED_PDL  # 3 x 8 KB + 2 KB of sums: fits
+    assert choose(11008, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL
+    assert choose(11008, 4096, 3, sms, True) == dispatch.TILED_FOLDED_PDL  # 3 x 8 KB + 2 KB of sums: fits
     assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL  # 4 x 8 KB + 2 KB: does not
-    assert choose(11008, 11008, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # 21.5 KB + 5.4 KB; 86 128-k blocks
+    assert choose(11008, 11008, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # 21.5 KB + 5.4 KB
     assert choose(11008, 11008, 2, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
     assert choose(11008, 4096, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
     assert choose(11008, 4096, 9, sms, True) == dispatch.TILED_DEFAULT + 1
     assert choose(4096, 4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
     edge = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms
     assert choose(edge, 1024, 8, sms, False) == dispatch.TILED_THREE_PER_SM
-    assert choose(edge, 1024, 8, sms, True) == dispatch.TILED_FOLDED_PDL  # 8 128-k blocks per row
-    assert choose(edge, 2048, 4, sms, True) == dispatch.TILED_FOLDED_BALANCED_PDL  # 16
+    assert choose(edge, 1024, 8, sms, True) == dispatch.TILED_FOLDED_PDL
     assert choose(edge - 16, 1024, 8, sms, True) == dispatch.TILED_DEFAULT + 1
     assert choose(edge - 16, 1024, 8, sms, False) == dispatch.TILED_DEFAULT
 
@@ -364,15 +362,6 @@ def test_folded_decode_fits_the_kernels_shared_memory() -> None:
     assert not dispatch.folded_decode_fits(1, 14336)  # 28 KB + 7 KB: a LLaMA-3-8B down_proj runs the tiled kernel
     assert not dispatch.folded_decode_fits(0, 128) and not dispatch.folded_decode_fits(9, 128)
     assert dispatch.folded_decode_fits(8, 1024)  # 16 KB + 512 B
-
-
-def test_folded_balanced_applies_to_whole_rounds_of_16_warps() -> None:
-    """The balanced split gives each of a block's 16 warps every 16th 128-k item, so a row's 128-k blocks must come in
-    whole rounds of 16 (w4a16_folded.cu launch_folded_balanced_decode's KB % kFoldWarps)."""
-    assert dispatch.folded_balanced_applies(4096) and dispatch.folded_balanced_applies(2048)
-    assert dispatch.folded_balanced_applies(12288) and dispatch.folded_balanced_applies(14336)
-    assert not dispatch.folded_balanced_applies(11008)  # 86 128-k blocks
-    assert not dispatch.folded_balanced_applies(1024) and not dispatch.folded_balanced_applies(4096 + 64)
 
 
 def test_dispatch_w4a16_with_inference_tensors() -> None:
