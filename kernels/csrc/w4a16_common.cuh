@@ -262,7 +262,7 @@ void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
 // apply (more than 8 tokens, or the staged activations past its 32 KB of shared memory): the caller then launches the
 // tiled kernel.
 bool launch_folded_decode(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
-                          const half* bias, half* out, int B, int N, int K, int group_size, bool contig = false);
+                          const half* bias, half* out, int B, int N, int K, int group_size);
 
 // Launch a W4A16 decode kernel through the streaming (bulk-copy) path; false when the shape, alignment
 // or shared-memory budget does not allow it (the caller then uses the register-streaming kernel).

@@ -144,17 +144,14 @@ __device__ __forceinline__ void folded_tile_out(float (&red)[WARPS][16][kFoldSlo
 // block. Warp w takes the 128-k blocks w, w + WARPS, ... of every tile of its block as one sequence of items, whose
 // codes and metadata are requested DEPTH items ahead into a register ring, across tile boundaries (the next tile's
 // codes are in flight during this tile's last items and its reduction). G: groups per row, kpg: 128-k blocks per group.
-template <int WARPS, int DEPTH, int MINB, bool CONTIG>
+template <int WARPS, int DEPTH, int MINB>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
     w4a16_folded_kernel(const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
-                        const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K, int G, int kpg,
-                        int per_block) {
+                        const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K, int G, int kpg) {
   __shared__ float red[2][WARPS][16][kFoldSlots];
   extern __shared__ uint4 smem[];
   griddep_launch_dependents();
-  const int KB = K / 128;
-  const int first = CONTIG ? blockIdx.x * per_block : blockIdx.x, step = CONTIG ? 1 : gridDim.x;
-  const int tiles = CONTIG ? min(first + per_block, (N + 15) / 16) : (N + 15) / 16;
+  const int KB = K / 128, tiles = (N + 15) / 16;
   uint4* xs = smem;
   float2* sums = reinterpret_cast<float2*>(smem + (size_t)B * KB * 16);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -166,7 +163,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   uint4 va[DEPTH], vb[DEPTH];
   uint2 mw[DEPTH];
   // the next item to request: tile, 128-k block, its codes (row g; row g + 8 at +32 units) and the tile's metadata
-  int load_tile = first, load_kb = warp;
+  int load_tile = blockIdx.x, load_kb = warp;
   const uint4* wp = reinterpret_cast<const uint4*>(qt) + ((size_t)load_tile * KB + warp) * 64 + lane;
   const uint2* mp = meta + (size_t)load_tile * G * 8 + g;
   auto load_item = [&](int d) {
@@ -177,7 +174,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
     wp += WARPS * 64;
     if (load_kb >= KB) {
       load_kb = warp;
-      load_tile += step;
+      load_tile += gridDim.x;
       wp = reinterpret_cast<const uint4*>(qt) + ((size_t)load_tile * KB + warp) * 64 + lane;
       mp = meta + (size_t)load_tile * G * 8 + g;
     }
@@ -193,12 +190,12 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
   __syncthreads();
   if (!has_items) {
     const float zero[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int tile = first, i = 0; tile < tiles; tile += step, ++i)
+    for (int tile = blockIdx.x, i = 0; tile < tiles; tile += gridDim.x, ++i)
       folded_tile_out<WARPS>(red[i & 1], zero, warp, g, t, tile, bias, out, B, N);
     return;
   }
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int tile = first, kb = warp, done_tiles = 0;
+  int tile = blockIdx.x, kb = warp, done_tiles = 0;
   while (tile < tiles) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
@@ -210,7 +207,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
         folded_tile_out<WARPS>(red[done_tiles & 1], acc, warp, g, t, tile, bias, out, B, N);
         acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
         kb = warp;
-        tile += step;
+        tile += gridDim.x;
         ++done_tiles;
       }
     }
@@ -227,24 +224,22 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
 constexpr int kFoldWarps = 16, kFoldDepth = 2, kFoldBlocksPerSM = 2;
 
 template <int WARPS, int DEPTH, int MINB>
-void launch_folded(bool pdl, bool contig, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
-                   const half* bias, half* out, int B, int N, int K, int G, int kpg) {
+void launch_folded(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta, const half* bias,
+                   half* out, int B, int N, int K, int G, int kpg) {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int blocks = std::min((N + 15) / 16, MINB * sms);  // one wave
-  const int per_block = ((N + 15) / 16 + blocks - 1) / blocks;
-  launch_maybe_pdl(contig ? w4a16_folded_kernel<WARPS, DEPTH, MINB, true> : w4a16_folded_kernel<WARPS, DEPTH, MINB, false>,
-                   dim3((unsigned)blocks), dim3(WARPS * 32), folded_smem_bytes(B, K), stream, pdl, x, qt, meta, bias,
-                   out, B, N, K, G, kpg, per_block);
+  launch_maybe_pdl(w4a16_folded_kernel<WARPS, DEPTH, MINB>, dim3((unsigned)blocks), dim3(WARPS * 32),
+                   folded_smem_bytes(B, K), stream, pdl, x, qt, meta, bias, out, B, N, K, G, kpg);
 }
 
 }  // namespace
 
 bool launch_folded_decode(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
-                          const half* bias, half* out, int B, int N, int K, int group_size, bool contig) {
+                          const half* bias, half* out, int B, int N, int K, int group_size) {
   if (B < 1 || B > kFoldSlots || folded_smem_bytes(B, K) > kFoldSmemMax) return false;
-  launch_folded<kFoldWarps, kFoldDepth, kFoldBlocksPerSM>(pdl, contig, stream, x, qt, meta, bias, out, B, N, K,
+  launch_folded<kFoldWarps, kFoldDepth, kFoldBlocksPerSM>(pdl, stream, x, qt, meta, bias, out, B, N, K,
                                                           K / group_size, group_size / 128);
   return true;
 }

@@ -189,13 +189,12 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // variant 4 / 5 (16 warps x 2 blocks), 4 / 5 three 16-warp blocks per SM (40 registers), 6 / 7 two 16-row tiles per
 // block (16 warps); 8 / 9 the persistent folded-zero-point kernel of w4a16_folded.cu where it applies (<= 8 tokens,
 // activations within its shared memory), else 0 / 1.
-constexpr int kNumTiledVariants = 12, kFirstFoldedVariant = 8;
+constexpr int kNumTiledVariants = 10, kFirstFoldedVariant = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
   if (variant >= kFirstFoldedVariant) {
-    if (NT == 1 && w4::launch_folded_decode(variant & 1, stream, x, qt, meta, bias, out, B, N, K, group_size,
-                                            variant >= 10))
+    if (NT == 1 && w4::launch_folded_decode(variant & 1, stream, x, qt, meta, bias, out, B, N, K, group_size))
       return;
     variant &= 1;
   }
@@ -288,7 +287,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..11");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..9");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
