@@ -217,8 +217,9 @@ TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL, TILED_FOLDED_PDL = 0
 # tiles per SM (4096 outputs) it was slower: 10.1 -> 10.5 us). With PDL at 4096x11008 the two-per-round variant was the
 # faster of the tiled ones in four runs (v11f 9.7 vs 9.9 us for three per SM with PDL, v12a 9.9 vs 10.2, v12c 9.7 vs
 # 9.9, v12d 9.8 vs 10.0; at 4096 outputs it was slower than the default: v12a 4.6 vs 4.3 us, 9.3 vs 9.0), and the
-# folded kernel faster still (v16i-l 8.3-8.4 us vs 9.7-9.8); at 1.9 tiles per SM the folded kernel has one tile per
-# block and is slower (4096x4096 4.8-4.9 vs 4.2 us, 11008x4096 9.5 vs 8.9-9.0).
+# folded kernel faster still (v16i-l 8.3-8.4 us vs 9.7-9.8; 8.0 since v17f); at 1.9 tiles per SM the folded kernel
+# has one tile per block and is slower (4096x4096 4.8-4.9 vs 4.2 us, 11008x4096 9.5 vs 8.9-9.0; v17h 4.8 / 9.2 vs
+# 4.3 / 9.0).
 TILED_MANY_TILES_PER_SM = 4
 # The folded kernel's shared memory for the staged activations (w4a16_folded.cu kFoldSmemMax: 48 KB less its two
 # 16 x 16 x 8 fp32 reduction buffers): tokens * K * 2 bytes of fragments plus 64 bytes of sums per 128-k block.
