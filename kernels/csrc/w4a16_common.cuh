@@ -112,8 +112,6 @@ __device__ __forceinline__ uint32_t zero_fma_pair_code(uint32_t z) {
   return h | (h << 16);
 }
 
-// Packed metadata words (w4a16_packed.cu, w4a16_batched.cu; reference.pack_w4_meta): the fp32 scale with its 4 low
-// bits replaced by the zero point.
 // (1024 + z) twice as half2 for an integer zero point z in 0..15 (0x6400 is 1024.0 in fp16).
 __device__ __forceinline__ uint32_t zero_pair_code(uint32_t z) {
   const uint32_t h = 0x6400u | z;
@@ -137,6 +135,9 @@ __device__ __forceinline__ void zero_codes(uint32_t word, uint32_t& zsub, uint32
     zfma = zero_fma_pair_code(z);
   }
 }
+
+// The scale of a packed metadata word (w4a16_packed.cu, w4a16_batched.cu, w4a16_folded.cu; reference.pack_w4_meta:
+// the fp32 scale with its 4 low bits replaced by the zero point).
 __device__ __forceinline__ float meta_scale(uint32_t word) { return __uint_as_float(word & ~0xFu); }
 
 // The activation B fragments of one 128-k block for lane (g, t), token b: per 8-k slice q the four words

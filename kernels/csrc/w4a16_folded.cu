@@ -92,16 +92,14 @@ __device__ __forceinline__ void stage_folded(const half* __restrict__ x, int B, 
     }
     // every lane of the half warp holds the sums: lane s (< 8) writes token slot s where that slot shows this token
     const int slot = i & 15;
-    if (ONE_TOKEN) {
-      if (i < total && slot < kFoldSlots)
-        sums[(i >> 4) * kFoldSlots + slot] = make_float2(-(1024.f * e + 64.f * o), e + o);
-    } else if (i < total && slot < kFoldSlots) {
+    if (i < total && slot < kFoldSlots) {
       int b = 0, kb = i >> 4;  // token and 128-k block of item i without a division (B <= 8)
-      while (kb >= KB) {
+      while (!ONE_TOKEN && kb >= KB) {
         kb -= KB;
         ++b;
       }
-      if (min(slot, B - 1) == b) sums[kb * kFoldSlots + slot] = make_float2(-(1024.f * e + 64.f * o), e + o);
+      if (ONE_TOKEN || min(slot, B - 1) == b)
+        sums[kb * kFoldSlots + slot] = make_float2(-(1024.f * e + 64.f * o), e + o);
     }
   }
 }
