@@ -122,7 +122,8 @@ W4A16_PACKED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 wa
 W4A16_TILED_VARIANTS = ["16 warps x 1 block (dispatched)", "16 warps x 1 block, PDL (dispatched)", "16 warps x 2 blocks",
                         "16 warps x 2 blocks, PDL", "16 warps x 1 block, 3 blocks/SM", "16 warps x 1 block, 3 blocks/SM, PDL",
                         "16 warps x 1 block x 2 row tiles", "16 warps x 1 block x 2 row tiles, PDL",
-                        "persistent, zero points folded", "persistent, zero points folded, PDL (dispatched at >= 4 tiles/SM)"]
+                        "persistent, zero points folded", "persistent, zero points folded, PDL (dispatched at >= 4 tiles/SM)",
+                        "22 warps x 1 block", "22 warps x 1 block, PDL"]
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
 

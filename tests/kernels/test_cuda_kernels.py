@@ -421,7 +421,7 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(10))
+@pytest.mark.parametrize("variant", range(12))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
@@ -430,7 +430,8 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
     blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
     second tile clamped), N not a multiple of 16 (zero rows padding the last tile); variants 8 / 9 the persistent
     folded-zero-point kernel (w4a16_folded.cu) where its staged activations fit in 32 KB (1 token; 5 tokens at
-    K <= 1024), else variant 0 / 1."""
+    K <= 1024), else variant 0 / 1; variants 10 / 11 22 warps per tile (K = 11008: 86 128-k blocks, 20 warps with four
+    and two with three)."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
