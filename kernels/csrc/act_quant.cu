@@ -212,9 +212,7 @@ void launch_scalar(const at::Tensor& x, const at::Tensor& clip, int hb, const fl
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   }
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = current_device_sm_count();
   const int per_sm = MODE == 2 ? 1 : 8;
   const int grid = std::max(1, std::min(M, sms * per_sm));
   const float had_norm = MODE == 1 ? (float)(1.0 / std::sqrt((double)hb)) : 1.f;
@@ -1114,7 +1112,7 @@ struct Device {
 Device device_info() {
   Device d;
   C10_CUDA_CHECK(cudaGetDevice(&d.dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.dev));
+  d.sms = current_device_sm_count();
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, d.dev));
   return d;

@@ -16,6 +16,15 @@ namespace qaas {
 
 constexpr float kEps = 1e-8f;
 
+// SMs of the current CUDA device (host side: the launchers size persistent grids and waves by it). Queried per call
+// (a cached device attribute in the driver), so a process with devices of different kinds gets each one's own count.
+inline int current_device_sm_count() {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -514,9 +514,7 @@ at::Tensor kv_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cod
   a.group = static_cast<int>(hq / hkv);
   a.lmax = static_cast<int>(lmax);
   a.qscale = static_cast<float>(sm_scale * 1.4426950408889634);
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = current_device_sm_count();
   if (lmax == 0) {
     out.zero_();
     return out;

@@ -63,10 +63,7 @@ at::Tensor memory_probe_cuda(const at::Tensor& src, int64_t mode) {
   const int loads = mode == 3 ? 2 : 4;
   int64_t grid = (n16 + kProbeThreads * loads - 1) / (kProbeThreads * loads);
   if (mode >= 2) {
-    int dev = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    grid = std::min<int64_t>(grid, (mode == 2 ? 4 : 2) * (int64_t)sms);
+    grid = std::min<int64_t>(grid, (mode == 2 ? 4 : 2) * (int64_t)current_device_sm_count());
   }
   grid = std::max<int64_t>(grid, 1);
   auto out = at::empty({grid}, src.options().dtype(at::kInt));

@@ -1,6 +1,6 @@
-// Host side shared by the CUTLASS sm90 GEMMs (w8a8_sm90.cuh, w4a16_sm90.cuh): the device's SM count for their tile
-// schedulers, and one launch: can_implement, a workspace from torch's caching allocator (so the launch can be captured
-// in a CUDA graph), initialize and run on the current stream.
+// Host side shared by the CUTLASS sm90 GEMMs (w8a8_sm90.cuh, w4a16_sm90.cuh): one launch: can_implement, a workspace
+// from torch's caching allocator (so the launch can be captured in a CUDA graph), initialize and run on the current
+// stream. (Their tile schedulers' SM count: common.cuh current_device_sm_count.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,17 +13,6 @@
 
 namespace qaas {
 namespace sm90 {
-
-// SMs of the current device, queried once per process (the extension targets one device kind, sm_90a).
-inline int device_sm_count() {
-  static const int count = [] {
-    int dev = 0, n = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
-  }();
-  return count;
-}
 
 // Runs the CUTLASS device-level GEMM `Gemm` with `args` on the current stream of `like`'s device. Errors name the op
 // (`name`), the problem (M x N x K, the group size where `group` > 0) and `hint`; the message is only built on error.

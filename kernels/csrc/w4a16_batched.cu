@@ -300,8 +300,7 @@ at::Tensor w4a16_gemm_batched_cuda(const at::Tensor& x, const at::Tensor& qt, co
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   const int v = variant < 0 ? default_batched_variant(M) : (int)variant;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const int sms = current_device_sm_count();  // x's device: the guard above made it current
   auto stream = c10::cuda::getCurrentCUDAStream();
   const half* xp = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
   const uint2* mp = reinterpret_cast<const uint2*>(meta.data_ptr<int32_t>());

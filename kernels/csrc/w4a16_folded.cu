@@ -231,10 +231,7 @@ constexpr int kFoldWarps = 16, kFoldDepth = 2, kFoldBlocksPerSM = 2;
 template <int WARPS, int DEPTH, int MINB>
 void launch_folded(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta, const half* bias,
                    half* out, int B, int N, int K, int G, int kpg) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int blocks = std::min((N + 15) / 16, MINB * sms);  // one wave
+  const int blocks = std::min((N + 15) / 16, MINB * current_device_sm_count());  // one wave
   // the common cases compiled apart: one token (the staged sums' slots need no token index) and groups of 128 (the
   // metadata index needs no division test per item)
   auto kernel = B == 1 ? (kpg == 1 ? w4a16_folded_kernel<WARPS, DEPTH, MINB, true, true>

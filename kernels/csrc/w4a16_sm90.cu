@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #ifdef QAAS_WITH_CUTLASS
+#include "common.cuh"
 #include "w4a16_sm90.cuh"
 #endif
 
@@ -95,7 +96,7 @@ at::Tensor w4a16_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& codes, co
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
 #ifdef QAAS_WITH_CUTLASS
-  const int sm_count = sm90::device_sm_count();
+  const int sm_count = current_device_sm_count();
   // By token count (H200 run v14b, the three 7B shapes at 17 .. 2048 tokens): k tiles of 128 and as many tokens per tile
   // as the input has, up to 128 (<= 32 tokens: the best configuration or within 1% on all three shapes; 64: best on two,
   // 2% off on the third; 128 .. 512: within 13%, at 512 best or within 1%), 256-token tiles of 64 k past 512 tokens

@@ -202,10 +202,10 @@ template <int NT, int WARPS, bool X_SHARED, bool BULK>
 bool launch_config(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw, const float* scale,
                    const float* zero, const half* bias, half* out, int B, int N, int K, int group_size) {
   auto kernel = w4a16_stream_kernel<NT, WARPS, X_SHARED, BULK>;
-  int dev = 0, max_smem = 0, sms = 0;
+  int dev = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = current_device_sm_count();
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   const StreamGeometry geo = stream_geometry(K, group_size);

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #ifdef QAAS_WITH_CUTLASS
+#include "common.cuh"
 #include "w8a8_sm90.cuh"
 #endif
 
@@ -80,7 +81,7 @@ at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, c
   auto out = at::empty({M, N}, a.options().dtype(at::kHalf));
   if (M == 0) return out;
 #ifdef QAAS_WITH_CUTLASS
-  const int sm_count = sm90::device_sm_count();
+  const int sm_count = current_device_sm_count();
   sm90::GemmProblem p{a.data_ptr<int8_t>(),
                       a_scale.data_ptr<float>(),
                       a_corr.data_ptr<int32_t>(),

@@ -19,3 +19,10 @@ def test_table_rows_give_time_and_ratio_to_fp16() -> None:
     assert lines[0].startswith("W4A16 decode, 1 token, K = 4096, on GPU (132 SMs)")
     assert "| v9: persistent, zero points folded, PDL" in lines[2] and "| v3: 16 warps x 2 blocks, PDL |" in lines[2]
     assert lines[4] == "| 11008 | 5.21 | 24.00 | 8.00 (3.00x) | 9.60 (2.50x) |"
+
+
+def test_table_names_the_token_count() -> None:
+    rows = [{"N": 4096, "K": 11008, "tokens": 4, "fp16_us": 27.0, "variants": {"11": 9.0}}]
+    md = to_markdown(rows, [11], 132, "GPU")
+    assert md.splitlines()[0].startswith("W4A16 decode, 4 tokens, K = 11008, on GPU (132 SMs)")
+    assert "| 4096 | 1.94 | 27.00 | 9.00 (3.00x) |" in md
