@@ -641,17 +641,34 @@ def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
 
 
 def test_w4a16_dispatch_many_tiles_uses_three_blocks_per_sm() -> None:
-    """A wide W4A16 layer (>= 4 tiles per SM) at 1 token runs the three-blocks-per-SM tiled variant (plain), then on the
+    """A wide W4A16 layer (5 tiles per SM) at 1 token runs the three-blocks-per-SM tiled variant (plain), then on the
     next call (weights unchanged) the persistent folded kernel with PDL, at 6 tokens (past that kernel's shared memory
     at K = 4096) the two-per-round one with PDL, and at 12 tokens the default one: all equal to the float32
     reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n, k = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms, 4096
+    n, k = 16 * 5 * sms, 4096
     layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
     assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == dispatch.TILED_THREE_PER_SM
     assert dispatch.tiled_decode_variant(n, k, 1, sms, True) == dispatch.TILED_FOLDED_PDL
     assert dispatch.tiled_decode_variant(n, k, 6, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
     for tokens in (1, 1, 6, 12):
+        x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
+        out = layer(x)
+        assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
+
+
+@pytest.mark.parametrize("tiles_per_sm,k", [(2, 11008), (2.5, 4096)])
+def test_w4a16_dispatch_wide_split_and_three_per_sm_band(tiles_per_sm: float, k: int) -> None:
+    """Within one wave of two blocks per SM at K = 11008 the dispatcher takes 22 warps per tile (plain, then PDL once
+    the weights are unchanged); between 2 and 3 tiles per SM three blocks per SM: equal to the float32 reference at
+    1 and 4 tokens."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = int(16 * tiles_per_sm * sms)
+    layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
+    want = dispatch.TILED_WIDE if tiles_per_sm <= 2 else dispatch.TILED_THREE_PER_SM
+    assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == want
+    assert dispatch.tiled_decode_variant(n, k, 4, sms, True) == want + 1
+    for tokens in (1, 1, 4):
         x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
         out = layer(x)
         assert layer.codes_tiled and rel_err(out, layer.reference_forward(x.float())) < 3e-3
