@@ -117,12 +117,13 @@ W4A16_PACKED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 wa
                          "16 warps x 1 block, 3 blocks/SM, PDL", "16 warps x 2 blocks", "16 warps x 2 blocks, PDL",
                          "8 warps x 4 blocks", "8 warps x 4 blocks, PDL", "16 warps x 1 block, x staged in shared memory",
                          "16 warps x 1 block, x staged in shared memory, PDL"]
-# kernels/csrc/w4a16_packed.cu launch_tiled_variant (codes in reference.pack_w4_tiled order)
-# (variant 0 is what kernels.dispatch launches at 1-16 tokens once a layer's codes are tiled, 1 once they are unchanged)
-W4A16_TILED_VARIANTS = ["16 warps x 1 block (dispatched)", "16 warps x 1 block, PDL (dispatched)", "16 warps x 2 blocks",
+# kernels/csrc/w4a16_packed.cu launch_tiled_variant (codes in reference.pack_w4_tiled order); the rows of the two that
+# kernels.dispatch launches at the shape (tiled_decode_variant: plain once a layer's codes are tiled, PDL once they are
+# unchanged) are marked "(dispatched)"
+W4A16_TILED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 warps x 2 blocks",
                         "16 warps x 2 blocks, PDL", "16 warps x 1 block, 3 blocks/SM", "16 warps x 1 block, 3 blocks/SM, PDL",
                         "16 warps x 1 block x 2 row tiles", "16 warps x 1 block x 2 row tiles, PDL",
-                        "persistent, zero points folded", "persistent, zero points folded, PDL (dispatched at >= 4 tiles/SM)",
+                        "persistent, zero points folded", "persistent, zero points folded, PDL",
                         "22 warps x 1 block", "22 warps x 1 block, PDL"]
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
@@ -182,11 +183,13 @@ def add_w4a16_packed_rows(ext, w4: list, xs4: list, group: int, n: int, k: int, 
         add(f"W4A16 packed-meta variant {v}: {label}", t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
     # the same kernel over codes in the tiled order (reference.pack_w4_tiled: each 16-byte load covers whole lines)
     tiled = [reference.pack_w4_tiled(q[0]) for q in w4]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dispatched = {dispatch.tiled_decode_variant(n, k, m, sms, pdl) for pdl in (False, True)}
     for v, label in enumerate(W4A16_TILED_VARIANTS):
         t = bench([lambda qt=qt, mt=mt, x=x, v=v: ext.w4a16_gemm_packed_tiled(x, qt, mt, group, None, n, v)
                    for qt, mt, x in zip(tiled, metas, xs4)])
-        add(f"W4A16 tiled codes variant {v}: {label}" + (PDL_NOTE if "PDL" in label else ""), t, nbytes, flops,
-            PEAK_FP16_TFLOPS, t_fp16)
+        add(f"W4A16 tiled codes variant {v}: {label}" + (" (dispatched)" if v in dispatched else "")
+            + (PDL_NOTE if "PDL" in label else ""), t, nbytes, flops, PEAK_FP16_TFLOPS, t_fp16)
     # after a producer kernel: x = x_src * 1 (a kernel, not a copy-engine memcpy), then the GEMV on x
     xbufs = [torch.empty_like(x) for x in xs4]
     t_prod = bench([lambda x=x, xb=xb: torch.mul(x, 1.0, out=xb) for x, xb in zip(xs4, xbufs)])
