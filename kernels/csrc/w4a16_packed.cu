@@ -161,6 +161,69 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
   }
 }
 
+// The tiled-codes kernel for one 16-row tile per block, one token group and groups of 128 (the decode case the
+// dispatcher launches): each warp's codes, metadata and activations addressed by pointers stepped by WARPS 128-k blocks
+// per round (the general kernel above recomputes 64-bit addresses from the block index every round under its register
+// cap: ~30 instructions per round).
+template <int WARPS, int MINB>
+__global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
+    const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
+    const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K) {
+  constexpr int C = 8;
+  __shared__ float red[WARPS][16][C];
+  w4::griddep_launch_dependents();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int KB = K >> 7;
+  // item kb of this tile: codes at units (tile * KB + kb) * 64 + lane (+ 32 for row g + 8), metadata word pair at
+  // (tile * KB + kb) * 8 + g (G == KB for groups of 128)
+  const size_t first = (size_t)blockIdx.x * KB + warp;
+  const uint4* wp = reinterpret_cast<const uint4*>(qt) + first * 64 + lane;
+  const uint2* mp = meta + first * 8 + g;
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+  uint4 va, vb;
+  uint2 mw;
+  int kb = warp;
+  // (conditional loads: unconditional ones, with the address clamped, let ptxas move the wait above them)
+  if (kb < KB) {
+    va = __ldg(wp);
+    vb = __ldg(wp + 32);
+    mw = __ldg(mp);
+  }
+  w4::griddep_wait();  // the activations (and the output buffer) may belong to the previous kernel
+  // the activation row of this lane's B fragment (token g, or the last token for lanes past B: their columns are
+  // never stored), from k = 128 kb + 32 t
+  const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(g, B - 1) * K) + 4 * t + 16 * warp;
+  while (kb < KB) {
+    uint4 bf[1][4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) bf[0][q] = __ldg(xp + q);
+    float part[1][4];
+    uint32_t za, zb, fa, fb;
+    w4::zero_codes<1>(mw.x, za, fa);
+    w4::zero_codes<1>(mw.y, zb, fb);
+    w4::kblock_mma_w4<1, false>(va, vb, za, zb, fa, fb, bf, part);
+    w4::accumulate_scaled<1>(acc, part, w4::meta_scale(mw.x), w4::meta_scale(mw.y));
+    kb += WARPS;
+    xp += 16 * WARPS;
+    if (kb < KB) {
+      wp += 64 * WARPS;
+      mp += 8 * WARPS;
+      va = __ldg(wp);
+      vb = __ldg(wp + 32);
+      mw = __ldg(mp);
+    }
+  }
+  w4::store_partials<1, C>(red[warp], acc, g, t);
+  __syncthreads();
+  const int n0 = blockIdx.x * 16;
+  for (int i = threadIdx.x; i < 16 * C; i += blockDim.x) {
+    const int r = i / C, b = i % C;
+    const int n = n0 + r;
+    if (b < B && n < N) w4::store_reduced(red, r, b, n, bias, out, N);
+  }
+}
+
 template <int NT, int WARPS, int UNROLL, int MINB, bool XS = false>
 void launch_packed(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw, const uint2* meta,
                    const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -190,7 +253,9 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // block (16 warps); 8 / 9 the persistent folded-zero-point kernel of w4a16_folded.cu where it applies (<= 8 tokens,
 // activations within its shared memory), else 0 / 1; 10 / 11 22 warps per tile, two blocks per SM (40 registers):
 // ceil(K / 128 / 22) rounds per warp instead of ceil(K / 128 / 16) (K = 11008: 86 128-k blocks, 4 rounds instead of 6).
-constexpr int kNumTiledVariants = 12, kFirstFoldedVariant = 8, kWideTiledVariant = 10;
+// 12 / 13, 14 / 15 (probe): w4a16_tiled_g128_kernel with 16 / 22 warps where it applies (<= 8 tokens, groups of 128),
+// else 0 / 1, 10 / 11.
+constexpr int kNumTiledVariants = 16, kFirstFoldedVariant = 8, kWideTiledVariant = 10, kLeanTiledVariant = 12;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -202,6 +267,19 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
   const bool pdl = variant & 1;
   const dim3 grid((unsigned)((N + 15) / 16)), block(16 * 32);
   const int G = K / group_size, kpg = group_size / 128;
+  if (variant >= kLeanTiledVariant) {
+    const bool wide = variant >= kLeanTiledVariant + 2;
+    if (NT == 1 && kpg == 1) {
+      if (wide)
+        w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<22, 2>, grid, dim3(22 * 32), 0, stream, pdl, x, qt, meta, bias,
+                             out, B, N, K);
+      else
+        w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<16, 2>, grid, block, 0, stream, pdl, x, qt, meta, bias, out, B, N,
+                             K);
+      return;
+    }
+    variant = (wide ? kWideTiledVariant : 0) | (int)pdl;
+  }
   if (variant >= kWideTiledVariant) {
     w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 22, 1, 2, false, true>, grid, dim3(22 * 32), 0, stream, pdl, x, qt,
                          meta, bias, out, B, N, K, G, kpg);
@@ -293,7 +371,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..11");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..15");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
