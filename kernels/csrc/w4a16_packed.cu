@@ -251,11 +251,9 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // Tiled-weight variants (w4a16_gemm_packed_tiled): 0 / 1 = variant 0 / 1 (16 warps x 1 block, plain / PDL), 2 / 3 =
 // variant 4 / 5 (16 warps x 2 blocks), 4 / 5 three 16-warp blocks per SM (40 registers), 6 / 7 two 16-row tiles per
 // block (16 warps); 8 / 9 the persistent folded-zero-point kernel of w4a16_folded.cu where it applies (<= 8 tokens,
-// activations within its shared memory), else 0 / 1; 10 / 11 22 warps per tile, two blocks per SM (40 registers):
-// ceil(K / 128 / 22) rounds per warp instead of ceil(K / 128 / 16) (K = 11008: 86 128-k blocks, 4 rounds instead of 6).
-// 12 / 13, 14 / 15 (probe): w4a16_tiled_g128_kernel with 16 / 22 warps where it applies (<= 8 tokens, groups of 128),
-// else 0 / 1, 10 / 11.
-constexpr int kNumTiledVariants = 16, kFirstFoldedVariant = 8, kWideTiledVariant = 10, kLeanTiledVariant = 12;
+// activations within its shared memory), else 0 / 1. Variants 0 / 1 run w4a16_tiled_g128_kernel where it applies (<= 8
+// tokens, groups of 128), else w4a16_packed_kernel; 10 / 11 (probe) always the latter.
+constexpr int kNumTiledVariants = 12, kFirstFoldedVariant = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -267,40 +265,31 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
   const bool pdl = variant & 1;
   const dim3 grid((unsigned)((N + 15) / 16)), block(16 * 32);
   const int G = K / group_size, kpg = group_size / 128;
-  if (variant >= kLeanTiledVariant) {
-    const bool wide = variant >= kLeanTiledVariant + 2;
-    if (NT == 1 && kpg == 1) {
-      if (wide)
-        w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<22, 2>, grid, dim3(22 * 32), 0, stream, pdl, x, qt, meta, bias,
-                             out, B, N, K);
-      else
-        w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<16, 2>, grid, block, 0, stream, pdl, x, qt, meta, bias, out, B, N,
-                             K);
-      return;
-    }
-    variant = (wide ? kWideTiledVariant : 0) | (int)pdl;
-  }
-  if (variant >= kWideTiledVariant) {
-    w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 22, 1, 2, false, true>, grid, dim3(22 * 32), 0, stream, pdl, x, qt,
-                         meta, bias, out, B, N, K, G, kpg);
-    return;
-  }
+  const bool lean = NT == 1 && kpg == 1;
   switch (variant >> 1) {
     case 0:
-      w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
-                           bias, out, B, N, K, G, kpg);
+      if (lean)
+        w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<16, 2>, grid, block, 0, stream, pdl, x, qt, meta, bias, out, B, N,
+                             K);
+      else
+        w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
+                             bias, out, B, N, K, G, kpg);
       break;
     case 1:
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 2, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
                            bias, out, B, N, K, G, kpg);
       break;
-    case 2:
+    case 2:  // (the stepped pointers of w4a16_tiled_g128_kernel spill under the 40-register cap of three per SM)
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 3, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
                            bias, out, B, N, K, G, kpg);
       break;
-    default:
+    case 3:
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true, 2>, dim3((unsigned)((N + 31) / 32)), block, 0,
                            stream, pdl, x, qt, meta, bias, out, B, N, K, G, kpg);
+      break;
+    default:
+      w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
+                           bias, out, B, N, K, G, kpg);
   }
 }
 
@@ -371,7 +360,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..15");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..11");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
