@@ -209,20 +209,11 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 # The extension's tiled-codes decode variants (kernels/csrc/w4a16_packed.cu launch_tiled_variant; odd = the same kernel
-# launched with PDL): 16 warps per 16-row tile at two blocks per SM (default); three per SM (40 registers); two 128-k
-# blocks per round (two per SM); the persistent folded-zero-point kernel (w4a16_folded.cu); 22 warps per tile at two
-# blocks per SM (40 registers: K split into 22 parts).
-TILED_DEFAULT, TILED_THREE_PER_SM, TILED_TWO_PER_ROUND_PDL, TILED_FOLDED_PDL, TILED_WIDE = 0, 4, 3, 9, 10
-# tiles per SM past which the two-per-round variant is taken with PDL where the folded kernel does not fit (v11f / v12:
-# at 4096x11008, 5.2 tiles per SM, 9.7-9.9 us against 9.9-10.2 for three per SM and 10.3 for the default; at exactly 4
-# tiles per SM the default was faster: v18b 20.16 vs 22.11 us at K = 13824, 7.61 vs 8.55 at K = 4096).
-TILED_MANY_TILES_PER_SM = 4
-# The 22-warp split is taken where it leaves at least this much less of a tile's warp rounds idle than 16 warps (H200
-# v18a/b, 1 token, <= 2 tiles per SM: K = 11008 (86 128-k blocks: 10% idle with 16 warps, 2% with 22) 9.37 -> 8.98 us
-# at 4096 outputs, 8.8 vs 9.0 in the bench; K = 5120 (17% / 9%) 5.28 -> 5.17; where the gain is smaller its 40
-# registers cost more: K = 13824 (4% / 2%) 10.66 -> 10.91, K = 8192 / 14336 / 4096 (none idle with 16) 6.86 -> 6.97,
-# 10.65 -> 11.28, 4.19 -> 4.54; at 2-8 tokens, K = 11008, plain 0.2-0.5 us faster, with PDL within 0.05 us).
-WIDE_SPLIT_MIN_GAIN = 0.05
+# launched with PDL): 16 warps per 16-row tile at two blocks per SM (default: the lean kernel with stepped pointers at
+# <= 8 tokens and groups of 128); three per SM (40 registers); the persistent folded-zero-point kernel
+# (w4a16_folded.cu). (Two 128-k blocks per round, variant 3, is no longer dispatched: with the lean default it was
+# slower everywhere in the H200 sweep v18e, e.g. 29.98 vs 24.21 us at 11008 outputs, K = 13824.)
+TILED_DEFAULT, TILED_THREE_PER_SM, TILED_FOLDED_PDL = 0, 4, 9
 # The folded kernel's shared memory for the staged activations (w4a16_folded.cu kFoldSmemMax: 48 KB less its two
 # 16 x 16 x 8 fp32 reduction buffers): tokens * K * 2 bytes of fragments plus 64 bytes of sums per 128-k block.
 FOLDED_SMEM_BYTES = 48 * 1024 - 2 * 16 * 16 * 8 * 4
@@ -239,49 +230,27 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def k_split_idle(k_blocks: int, warps: int) -> float:
-    """The share of a tile's warp rounds left idle when its ``k_blocks`` 128-k blocks are dealt round robin to
-    ``warps`` warps (each warp takes ceil(k_blocks / warps) rounds, the last one only partly filled)."""
-    rounds = -(-k_blocks // warps)
-    return 1.0 - k_blocks / (warps * rounds)
-
-
-def wide_split_pays(in_features: int) -> bool:
-    """Whether 22 warps per tile (``TILED_WIDE``) split ``in_features`` enough more evenly than 16 to pay for their
-    40-register cap (``WIDE_SPLIT_MIN_GAIN``)."""
-    kb = in_features // 128
-    return kb > 0 and k_split_idle(kb, 16) - k_split_idle(kb, 22) >= WIDE_SPLIT_MIN_GAIN
-
-
 def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: int, pdl: bool) -> int:
     """The tiled decode kernel's variant for ``out_features`` x ``in_features`` and ``tokens`` rows on ``sms`` SMs
-    (odd: launched with programmatic dependent launch). Past one token group (> 8 tokens) the default: the others
-    are slower there (three per SM spills). Else by the number of 16-row tiles per SM, t (H200 sweeps v18b at K = 4096,
-    5120, 11008, 13824 over 2-4 tiles per SM, v11f-v17h at 1.9 and 5.2):
+    (odd: launched with programmatic dependent launch). Past one token group (> 8 tokens) the default: the others are
+    slower there (three per SM spills). Else by the number of 16-row tiles per SM, t (H200 sweep v18e at K = 4096,
+    5120, 11008, 13824 and t = 1.9-5.2, 1 token):
 
-    - plain launch: three blocks per SM where that takes fewer waves than two (2 < t <= 3, t > 4: at 3 < t <= 4
-      both take two waves and the default was 5-11% faster); else, within one wave, 22 warps per tile where
-      :func:`wide_split_pays`; else the default.
-    - PDL: the persistent folded kernel where t > 3 and its staged activations fit (:func:`folded_decode_fits`;
-      v18b at t = 3.5: 6.46 vs 7.50 us for the default at K = 4096, 14.63 vs 16.61 at 11008); at t > 4 without it,
-      two 128-k blocks per round; at 2 < t <= 3 three blocks per SM (one wave: 5.1-5.6 vs 6.5-7.3 us at K = 4096,
-      12.7-13.0 vs 13.9-16.0 at 11008; the folded kernel was within 0.5 us of it at t <= 2.4 and up to 1.5 us slower
-      at 2.7-3); within one wave 22 warps per tile where :func:`wide_split_pays`; else the default."""
+    - 2 < t <= 3: three blocks per SM (one wave instead of two): with PDL 5.0-5.8 vs 5.3-6.3 us for the default at
+      K = 4096, 12.4-12.7 vs 12.3-13.8 at 11008, 14.9-15.4 vs 14.2-16.4 at 13824; plain 6.6-6.7 vs 7.1-7.5 at 4096 from
+      t = 2.4 (at t = 2.1 the default was up to 1.2 us faster plainly: a rarely run launch, on the first call after
+      the weights change).
+    - t > 3 with PDL, where its staged activations fit (:func:`folded_decode_fits`): the persistent folded kernel
+      (8.03 vs 9.22 us at 4096x11008; within 0.35 us of the default either way at t = 3.5-4).
+    - else the default (the lean kernel: from t = 3.5 it beat three per SM everywhere, plainly too)."""
     tiles = -(-out_features // 16)
     if tokens > 8:
         return TILED_DEFAULT + (1 if pdl else 0)
-    waves_two, waves_three = -(-tiles // (2 * sms)), -(-tiles // (3 * sms))
-    if not pdl:
-        if waves_three < waves_two:
-            return TILED_THREE_PER_SM
-        return TILED_WIDE if waves_two == 1 and wide_split_pays(in_features) else TILED_DEFAULT
-    if tiles > 3 * sms and folded_decode_fits(tokens, in_features):
+    if 2 * sms < tiles <= 3 * sms:
+        return TILED_THREE_PER_SM + (1 if pdl else 0)
+    if pdl and tiles > 3 * sms and folded_decode_fits(tokens, in_features):
         return TILED_FOLDED_PDL
-    if tiles > TILED_MANY_TILES_PER_SM * sms:
-        return TILED_TWO_PER_ROUND_PDL
-    if tiles > 2 * sms and waves_three == 1:
-        return TILED_THREE_PER_SM + 1
-    return (TILED_WIDE if waves_two == 1 and wide_split_pays(in_features) else TILED_DEFAULT) + 1
+    return TILED_DEFAULT + (1 if pdl else 0)
 
 
 def _capturing(x: torch.Tensor) -> bool:

@@ -421,7 +421,7 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(12))
+@pytest.mark.parametrize("variant", range(10))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
@@ -430,8 +430,8 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
     blocks per round, three blocks per SM, two tiles per block (N = 40 / 48 / 1000: an odd tile count, the last block's
     second tile clamped), N not a multiple of 16 (zero rows padding the last tile); variants 8 / 9 the persistent
     folded-zero-point kernel (w4a16_folded.cu) where its staged activations fit in 32 KB (1 token; 5 tokens at
-    K <= 1024), else variant 0 / 1; variants 10 / 11 22 warps per tile (K = 11008: 86 128-k blocks, 20 warps with four
-    and two with three)."""
+    K <= 1024), else variant 0 / 1. Variants 0 / 1 run the lean kernel (stepped pointers) at 1 and 5 tokens with groups
+    of 128 (at K = 256 14 of its 16 warps have no 128-k block), the general one at 16 tokens and other groups."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
@@ -640,17 +640,17 @@ def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
     assert rel_err(first, ref()) < 5e-3
 
 
-def test_w4a16_dispatch_many_tiles_uses_three_blocks_per_sm() -> None:
-    """A wide W4A16 layer (5 tiles per SM) at 1 token runs the three-blocks-per-SM tiled variant (plain), then on the
-    next call (weights unchanged) the persistent folded kernel with PDL, at 6 tokens (past that kernel's shared memory
-    at K = 4096) the two-per-round one with PDL, and at 12 tokens the default one: all equal to the float32
+def test_w4a16_dispatch_many_tiles_uses_the_folded_kernel() -> None:
+    """A wide W4A16 layer (5 tiles per SM) at 1 token runs the default tiled variant (plain), then on the next call
+    (weights unchanged) the persistent folded kernel with PDL, at 6 tokens (past that kernel's shared memory at
+    K = 4096) the default one with PDL, and at 12 tokens (two token groups) the same: all equal to the float32
     reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n, k = 16 * 5 * sms, 4096
     layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
-    assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == dispatch.TILED_THREE_PER_SM
+    assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == dispatch.TILED_DEFAULT
     assert dispatch.tiled_decode_variant(n, k, 1, sms, True) == dispatch.TILED_FOLDED_PDL
-    assert dispatch.tiled_decode_variant(n, k, 6, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
+    assert dispatch.tiled_decode_variant(n, k, 6, sms, True) == dispatch.TILED_DEFAULT + 1
     for tokens in (1, 1, 6, 12):
         x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
         out = layer(x)
@@ -658,14 +658,14 @@ def test_w4a16_dispatch_many_tiles_uses_three_blocks_per_sm() -> None:
 
 
 @pytest.mark.parametrize("tiles_per_sm,k", [(2, 11008), (2.5, 4096)])
-def test_w4a16_dispatch_wide_split_and_three_per_sm_band(tiles_per_sm: float, k: int) -> None:
-    """Within one wave of two blocks per SM at K = 11008 the dispatcher takes 22 warps per tile (plain, then PDL once
-    the weights are unchanged); between 2 and 3 tiles per SM three blocks per SM: equal to the float32 reference at
-    1 and 4 tokens."""
+def test_w4a16_dispatch_default_and_three_per_sm_band(tiles_per_sm: float, k: int) -> None:
+    """Within one wave of two blocks per SM (here K = 11008, LLaMA-7B's down_proj) the dispatcher takes the default
+    variant (the lean kernel at <= 8 tokens, plain, then PDL once the weights are unchanged); between 2 and 3 tiles per
+    SM three blocks per SM: equal to the float32 reference at 1 and 4 tokens."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = int(16 * tiles_per_sm * sms)
     layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
-    want = dispatch.TILED_WIDE if tiles_per_sm <= 2 else dispatch.TILED_THREE_PER_SM
+    want = dispatch.TILED_DEFAULT if tiles_per_sm <= 2 else dispatch.TILED_THREE_PER_SM
     assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == want
     assert dispatch.tiled_decode_variant(n, k, 4, sms, True) == want + 1
     for tokens in (1, 1, 4):

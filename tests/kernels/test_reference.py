@@ -331,57 +331,33 @@ def test_dequant_w4_tiled_op_matches_rows() -> None:
 
 
 def test_tiled_decode_variant_choice() -> None:
-    """At most 8 tokens, by 16-row tiles per SM (t): plainly launched, three blocks per SM where that takes fewer waves
-    than two (2 < t <= 3, t > 4); with PDL the persistent folded kernel at t > 3 where its staged activations fit in
-    its shared memory, else two 128-k blocks per round at t > 4, three blocks per SM at 2 < t <= 3; within one wave of
-    two blocks per SM 22 warps per tile where K splits much more evenly over 22 than over 16; else the default and its
+    """At most 8 tokens, by 16-row tiles per SM (t): three blocks per SM at 2 < t <= 3 (plain or PDL); with PDL the
+    persistent folded kernel at t > 3 where its staged activations fit in its shared memory; else the default and its
     PDL twin (the odd variant)."""
     sms = 132
     choose = dispatch.tiled_decode_variant
-    assert choose(11008, 4096, 1, sms, False) == dispatch.TILED_THREE_PER_SM  # 688 tiles: 5.2 per SM
+    assert choose(11008, 4096, 1, sms, False) == dispatch.TILED_DEFAULT  # 688 tiles: 5.2 per SM
     assert choose(11008, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL
     assert choose(11008, 4096, 3, sms, True) == dispatch.TILED_FOLDED_PDL  # 3 x 8 KB + 2 KB of sums: fits
-    assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL  # 4 x 8 KB + 2 KB: does not
+    assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_DEFAULT + 1  # 4 x 8 KB + 2 KB: does not
     assert choose(11008, 11008, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # 21.5 KB + 5.4 KB
-    assert choose(11008, 11008, 2, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
+    assert choose(11008, 11008, 2, sms, True) == dispatch.TILED_DEFAULT + 1
     assert choose(11008, 4096, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
     assert choose(11008, 4096, 9, sms, True) == dispatch.TILED_DEFAULT + 1
     assert choose(4096, 4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
-    # LLaMA-7B down_proj: 86 128-k blocks, 6 rounds for 6 of 16 warps, 4 for 20 of 22
-    assert choose(4096, 11008, 1, sms, True) == dispatch.TILED_WIDE + 1
-    assert choose(4096, 11008, 8, sms, False) == dispatch.TILED_WIDE
-    assert choose(4096, 11008, 9, sms, True) == dispatch.TILED_DEFAULT + 1
-    assert choose(4096, 14336, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 112 = 7 x 16 blocks: none idle
-    assert choose(4096, 13824, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 108: 4% idle with 16 warps, 2% with 22
+    assert choose(4096, 11008, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # LLaMA-7B down_proj
     # 2 < t <= 3: one wave of three blocks per SM (LLaMA-13B q/k/v/o and down_proj: 320 tiles, 2.4 per SM)
     for k in (5120, 13824):
         assert choose(5120, k, 1, sms, False) == dispatch.TILED_THREE_PER_SM
-        assert choose(5120, k, 1, sms, True) == dispatch.TILED_THREE_PER_SM + 1
-    edge = 16 * 2 * sms  # t = 2: still one wave of the default
-    assert choose(edge, 4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1
-    assert choose(edge + 16, 4096, 1, sms, True) == dispatch.TILED_THREE_PER_SM + 1
-    assert choose(edge + 16, 4096, 1, sms, False) == dispatch.TILED_THREE_PER_SM
-    assert choose(edge + 16, 11008, 1, sms, False) == dispatch.TILED_THREE_PER_SM  # past one wave: no 22-warp split
-    three = 16 * 3 * sms
-    assert choose(three, 4096, 1, sms, True) == dispatch.TILED_THREE_PER_SM + 1
-    assert choose(three + 16, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # 3 < t: the folded kernel
-    assert choose(three + 16, 4096, 1, sms, False) == dispatch.TILED_DEFAULT  # two waves either way
-    assert choose(three + 16, 14336, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 3 < t <= 4, no fit
-    four = 16 * dispatch.TILED_MANY_TILES_PER_SM * sms
-    assert choose(four, 14336, 1, sms, True) == dispatch.TILED_DEFAULT + 1
-    assert choose(four + 16, 14336, 1, sms, True) == dispatch.TILED_TWO_PER_ROUND_PDL
-    assert choose(four, 1024, 8, sms, False) == dispatch.TILED_DEFAULT  # t = 4: two waves either way
-    assert choose(four + 16, 1024, 8, sms, False) == dispatch.TILED_THREE_PER_SM
-    assert choose(four, 1024, 8, sms, True) == dispatch.TILED_FOLDED_PDL
-
-
-def test_k_split_idle_share() -> None:
-    """Idle share of a tile's warp rounds: 86 blocks over 16 warps take 6 rounds (96 slots), over 22 warps 4 (88)."""
-    assert dispatch.k_split_idle(32, 16) == 0.0
-    assert abs(dispatch.k_split_idle(86, 16) - 10 / 96) < 1e-12
-    assert abs(dispatch.k_split_idle(86, 22) - 2 / 88) < 1e-12
-    assert dispatch.wide_split_pays(11008) and dispatch.wide_split_pays(5120)
-    assert not any(dispatch.wide_split_pays(k) for k in (4096, 8192, 13824, 14336, 64))
+        assert choose(5120, k, 8, sms, True) == dispatch.TILED_THREE_PER_SM + 1
+        assert choose(5120, k, 9, sms, True) == dispatch.TILED_DEFAULT + 1
+    two, three = 16 * 2 * sms, 16 * 3 * sms
+    assert choose(two, 4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # t = 2: one wave of the default
+    assert choose(two + 16, 4096, 1, sms, True) == dispatch.TILED_THREE_PER_SM + 1
+    assert choose(three, 4096, 1, sms, False) == dispatch.TILED_THREE_PER_SM
+    assert choose(three + 16, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # t > 3
+    assert choose(three + 16, 4096, 1, sms, False) == dispatch.TILED_DEFAULT
+    assert choose(three + 16, 14336, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # the folded kernel does not fit
 
 
 def test_folded_decode_fits_the_kernels_shared_memory() -> None:
