@@ -123,9 +123,7 @@ W4A16_PACKED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 wa
 W4A16_TILED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 warps x 2 blocks",
                         "16 warps x 2 blocks, PDL", "16 warps x 1 block, 3 blocks/SM", "16 warps x 1 block, 3 blocks/SM, PDL",
                         "16 warps x 1 block x 2 row tiles", "16 warps x 1 block x 2 row tiles, PDL",
-                        "persistent, zero points folded", "persistent, zero points folded, PDL",
-                        "general kernel, 3 blocks/SM", "general kernel, 3 blocks/SM, PDL", "offsets form, 2 blocks/SM",
-                        "offsets form, 2 blocks/SM, PDL"]
+                        "persistent, zero points folded", "persistent, zero points folded, PDL"]
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
 

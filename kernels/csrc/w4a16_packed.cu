@@ -224,70 +224,6 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
   }
 }
 
-// Probe: the lean kernel with 32-bit offsets from block-uniform bases and the activations loaded per 8-k slice (fewer
-// live registers: 24 bytes of spills under the 40-register cap of three per SM, against 72 for the pointer form).
-template <int WARPS, int MINB>
-__global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_offsets_kernel(
-    const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
-    const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K) {
-  constexpr int C = 8;
-  __shared__ float red[WARPS][16][C];
-  w4::griddep_launch_dependents();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int KB = K >> 7;
-  const uint4* wbase = reinterpret_cast<const uint4*>(qt) + (size_t)blockIdx.x * KB * 64;
-  const uint2* mbase = meta + (size_t)blockIdx.x * KB * 8;
-  int wo = warp * 64 + lane, mo = warp * 8 + g;
-  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-  uint4 va, vb;
-  uint2 mw;
-  int kb = warp;
-  if (kb < KB) {
-    va = __ldg(wbase + wo);
-    vb = __ldg(wbase + wo + 32);
-    mw = __ldg(mbase + mo);
-  }
-  w4::griddep_wait();
-  const uint4* xbase = reinterpret_cast<const uint4*>(x + (size_t)min(g, B - 1) * K) + 4 * t;
-  int xo = 16 * warp;
-  while (kb < KB) {
-    uint32_t za, zb, fa, fb;
-    w4::zero_codes<1>(mw.x, za, fa);
-    w4::zero_codes<1>(mw.y, zb, fb);
-    float part[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-    const uint32_t* wa = reinterpret_cast<const uint32_t*>(&va);
-    const uint32_t* wb = reinterpret_cast<const uint32_t*>(&vb);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 f = w4::x_frag_words(__ldg(xbase + xo + q));
-      uint32_t pa[4], pb[4];
-      w4::dq_word4(wa[q], za, fa, pa);
-      w4::dq_word4(wb[q], zb, fb, pb);
-      w4::mma_f16(part[0], pa[0], pb[0], pa[1], pb[1], f.x, f.y);
-      w4::mma_f16(part[0], pa[2], pb[2], pa[3], pb[3], f.z, f.w);
-    }
-    w4::accumulate_scaled<1>(acc, part, w4::meta_scale(mw.x), w4::meta_scale(mw.y));
-    kb += WARPS;
-    xo += 16 * WARPS;
-    if (kb < KB) {
-      wo += 64 * WARPS;
-      mo += 8 * WARPS;
-      va = __ldg(wbase + wo);
-      vb = __ldg(wbase + wo + 32);
-      mw = __ldg(mbase + mo);
-    }
-  }
-  w4::store_partials<1, C>(red[warp], acc, g, t);
-  __syncthreads();
-  const int n0 = blockIdx.x * 16;
-  for (int i = threadIdx.x; i < 16 * C; i += blockDim.x) {
-    const int r = i / C, b = i % C;
-    const int n = n0 + r;
-    if (b < B && n < N) w4::store_reduced(red, r, b, n, bias, out, N);
-  }
-}
-
 template <int NT, int WARPS, int UNROLL, int MINB, bool XS = false>
 void launch_packed(bool pdl, cudaStream_t stream, const half* x, const uint8_t* qw, const uint2* meta,
                    const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -318,9 +254,7 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // activations within its shared memory), else 0 / 1. Variants 0 / 1 run w4a16_tiled_g128_kernel where it applies (<= 8
 // tokens, groups of 128: H200 v18d/e, 1 token with PDL, 4096x4096 4.20-4.26 -> 3.79-3.84 us, 11008x4096 9.04-9.07 ->
 // 7.69-7.76, 4096x11008 10.31 -> 9.22 against w4a16_packed_kernel), else w4a16_packed_kernel.
-// Probe: 4 / 5 the offsets form at three per SM where it applies; 10 / 11 three per SM on w4a16_packed_kernel; 12 / 13
-// the offsets form at two per SM.
-constexpr int kNumTiledVariants = 14, kFirstFoldedVariant = 8;
+constexpr int kNumTiledVariants = 10, kFirstFoldedVariant = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -346,25 +280,9 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 2, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
                            bias, out, B, N, K, G, kpg);
       break;
-    case 2:
-      if (lean)
-        w4::launch_maybe_pdl(w4a16_tiled_g128_offsets_kernel<16, 3>, grid, block, 0, stream, pdl, x, qt, meta, bias, out,
-                             B, N, K);
-      else
-        w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 3, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
-                             bias, out, B, N, K, G, kpg);
-      break;
-    case 5:
+    case 2:  // (the stepped pointers of w4a16_tiled_g128_kernel spill under the 40-register cap of three per SM)
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 3, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
                            bias, out, B, N, K, G, kpg);
-      break;
-    case 6:
-      if (lean)
-        w4::launch_maybe_pdl(w4a16_tiled_g128_offsets_kernel<16, 2>, grid, block, 0, stream, pdl, x, qt, meta, bias, out,
-                             B, N, K);
-      else
-        w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true>, grid, block, 0, stream, pdl, x, qt, meta,
-                             bias, out, B, N, K, G, kpg);
       break;
     default:
       w4::launch_maybe_pdl(w4a16_packed_kernel<NT, 16, 1, 2, false, true, 2>, dim3((unsigned)((N + 31) / 32)), block, 0,
@@ -439,7 +357,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..13");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..9");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
