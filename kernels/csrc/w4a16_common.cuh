@@ -240,6 +240,18 @@ __device__ __forceinline__ void store_reduced(const float (&red)[WARPS][ROWS][C]
   out[(size_t)b * N + n] = __float2half(v);
 }
 
+// After the block barrier: outputs (row r, token b) of the rows n0 .. n0 + ROWS - 1 past a block's reduction buffer (the
+// warps' partial sums added up and the bias added by store_reduced), thread i taking entries i, i + blockDim.x, ...
+template <int WARPS, int ROWS, int C>
+__device__ __forceinline__ void store_tile_outputs(const float (&red)[WARPS][ROWS][C], int n0, int B, int N,
+                                                   const half* __restrict__ bias, half* __restrict__ out) {
+  for (int i = threadIdx.x; i < ROWS * C; i += blockDim.x) {
+    const int r = i / C, b = i % C;
+    const int n = n0 + r;
+    if (b < B && n < N) store_reduced(red, r, b, n, bias, out, N);
+  }
+}
+
 // Launch `kernel` with the given shape on `stream`, with programmatic dependent launch when `pdl` (the kernel may
 // then start while the previous kernel in the stream drains; it must griddep_wait before touching that kernel's data).
 template <typename... Params, typename... Args>

@@ -154,11 +154,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
   for (int tt = 0; tt < TILES; ++tt)
     w4::store_partials<NT, C>(*reinterpret_cast<float(*)[16][C]>(&red[warp][16 * tt][0]), acc[tt], g, t);
   __syncthreads();
-  for (int i = threadIdx.x; i < 16 * TILES * C; i += blockDim.x) {
-    const int r = i / C, b = i % C;
-    const int n = n0 + r;
-    if (b < B && n < N) w4::store_reduced(red, r, b, n, bias, out, N);
-  }
+  w4::store_tile_outputs(red, n0, B, N, bias, out);
 }
 
 // The tiled-codes kernel for one 16-row tile per block, one token group and groups of 128 (the decode case the
@@ -216,12 +212,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
   }
   w4::store_partials<1, C>(red[warp], acc, g, t);
   __syncthreads();
-  const int n0 = blockIdx.x * 16;
-  for (int i = threadIdx.x; i < 16 * C; i += blockDim.x) {
-    const int r = i / C, b = i % C;
-    const int n = n0 + r;
-    if (b < B && n < N) w4::store_reduced(red, r, b, n, bias, out, N);
-  }
+  w4::store_tile_outputs(red, (int)blockIdx.x * 16, B, N, bias, out);
 }
 
 template <int NT, int WARPS, int UNROLL, int MINB, bool XS = false>
