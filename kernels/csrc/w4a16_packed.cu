@@ -160,9 +160,8 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
 // The tiled-codes kernel for one 16-row tile per block, one token group and groups of 128 (the decode case the
 // dispatcher launches): each warp's codes, metadata and activations addressed by pointers stepped by WARPS 128-k blocks
 // per round (the general kernel above recomputes 64-bit addresses from the block index every round under its register
-// cap: ~30 instructions per round). DEPTH: 128-k blocks of codes requested ahead per warp (a register ring), for small
-// blocks whose warps run many rounds.
-template <int WARPS, int MINB, int DEPTH = 1>
+// cap: ~30 instructions per round).
+template <int WARPS, int MINB>
 __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
     const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K) {
@@ -173,53 +172,42 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
   const int g = lane >> 2, t = lane & 3;
   const int KB = K >> 7;
   // item kb of this tile: codes at units (tile * KB + kb) * 64 + lane (+ 32 for row g + 8), metadata word pair at
-  // (tile * KB + kb) * 8 + g (G == KB for groups of 128); wp / mp: the last item requested
+  // (tile * KB + kb) * 8 + g (G == KB for groups of 128)
   const size_t first = (size_t)blockIdx.x * KB + warp;
   const uint4* wp = reinterpret_cast<const uint4*>(qt) + first * 64 + lane;
   const uint2* mp = meta + first * 8 + g;
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-  uint4 va[DEPTH], vb[DEPTH];  // ring slot d: item kb + d * WARPS
-  uint2 mw[DEPTH];
+  uint4 va, vb;
+  uint2 mw;
   int kb = warp;
   // (conditional loads: unconditional ones, with the address clamped, let ptxas move the wait above them)
-#pragma unroll
-  for (int d = 0; d < DEPTH; ++d) {
-    if (kb + d * WARPS < KB) {
-      if (d > 0) {
-        wp += 64 * WARPS;
-        mp += 8 * WARPS;
-      }
-      va[d] = __ldg(wp);
-      vb[d] = __ldg(wp + 32);
-      mw[d] = __ldg(mp);
-    }
+  if (kb < KB) {
+    va = __ldg(wp);
+    vb = __ldg(wp + 32);
+    mw = __ldg(mp);
   }
   w4::griddep_wait();  // the activations (and the output buffer) may belong to the previous kernel
   // the activation row of this lane's B fragment (token g, or the last token for lanes past B: their columns are
   // never stored), from k = 128 kb + 32 t
   const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(g, B - 1) * K) + 4 * t + 16 * warp;
   while (kb < KB) {
+    uint4 bf[1][4];
 #pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-      if (DEPTH > 1 && kb >= KB) break;
-      uint4 bf[1][4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) bf[0][q] = __ldg(xp + q);
-      float part[1][4];
-      uint32_t za, zb, fa, fb;
-      w4::zero_codes<1>(mw[d].x, za, fa);
-      w4::zero_codes<1>(mw[d].y, zb, fb);
-      w4::kblock_mma_w4<1, false>(va[d], vb[d], za, zb, fa, fb, bf, part);
-      w4::accumulate_scaled<1>(acc, part, w4::meta_scale(mw[d].x), w4::meta_scale(mw[d].y));
-      kb += WARPS;
-      xp += 16 * WARPS;
-      if (kb + (DEPTH - 1) * WARPS < KB) {
-        wp += 64 * WARPS;
-        mp += 8 * WARPS;
-        va[d] = __ldg(wp);
-        vb[d] = __ldg(wp + 32);
-        mw[d] = __ldg(mp);
-      }
+    for (int q = 0; q < 4; ++q) bf[0][q] = __ldg(xp + q);
+    float part[1][4];
+    uint32_t za, zb, fa, fb;
+    w4::zero_codes<1>(mw.x, za, fa);
+    w4::zero_codes<1>(mw.y, zb, fb);
+    w4::kblock_mma_w4<1, false>(va, vb, za, zb, fa, fb, bf, part);
+    w4::accumulate_scaled<1>(acc, part, w4::meta_scale(mw.x), w4::meta_scale(mw.y));
+    kb += WARPS;
+    xp += 16 * WARPS;
+    if (kb < KB) {
+      wp += 64 * WARPS;
+      mp += 8 * WARPS;
+      va = __ldg(wp);
+      vb = __ldg(wp + 32);
+      mw = __ldg(mp);
     }
   }
   w4::store_partials<1, C>(red[warp], acc, g, t);
@@ -257,9 +245,9 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // activations within its shared memory), else 0 / 1. Variants 0 / 1 run w4a16_tiled_g128_kernel where it applies (<= 8
 // tokens, groups of 128: H200 v18d/e, 1 token with PDL, 4096x4096 4.20-4.26 -> 3.79-3.84 us, 11008x4096 9.04-9.07 ->
 // 7.69-7.76, 4096x11008 10.31 -> 9.22 against w4a16_packed_kernel), else w4a16_packed_kernel.
-// Probes (v19, temporary): 10 / 11 lean kernel, 4 warps per block, 8 blocks per SM, 2 128-k blocks ahead; 12 / 13 the
-// same 3 ahead; 14 / 15 8 warps, 4 per SM, 2 ahead; 16 / 17 4 warps, 8 per SM, 1 ahead (else 0 / 1).
-constexpr int kNumTiledVariants = 18, kFirstFoldedVariant = 8;
+// 10 / 11: w4a16_tiled_g128_kernel in blocks of 4 warps, 8 per SM (else 0 / 1). 12 / 13 (probe v19b, temporary): 2
+// warps, 16 per SM.
+constexpr int kNumTiledVariants = 14, kFirstFoldedVariant = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -275,20 +263,12 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
   if (variant >= 10 && !lean) variant &= 1;
   switch (variant >> 1) {
     case 5:
-      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8, 2>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias, out,
-                           B, N, K);
+      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias, out, B,
+                           N, K);
       break;
     case 6:
-      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8, 3>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias, out,
-                           B, N, K);
-      break;
-    case 7:
-      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<8, 4, 2>, grid, dim3(8 * 32), 0, stream, pdl, x, qt, meta, bias, out,
-                           B, N, K);
-      break;
-    case 8:
-      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8, 1>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias, out,
-                           B, N, K);
+      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<2, 16>, grid, dim3(2 * 32), 0, stream, pdl, x, qt, meta, bias, out, B,
+                           N, K);
       break;
     case 0:
       if (lean)
@@ -379,7 +359,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..17");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..13");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
@@ -399,4 +379,3 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
 }
 
 }  // namespace qaas
-
