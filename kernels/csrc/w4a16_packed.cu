@@ -161,13 +161,13 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
 // dispatcher launches): each warp's codes, metadata and activations addressed by pointers stepped by WARPS 128-k blocks
 // per round (the general kernel above recomputes 64-bit addresses from the block index every round under its register
 // cap: ~30 instructions per round).
-template <int WARPS, int MINB>
+template <int WARPS, int MINB, bool LATE_TRIGGER = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
     const half* __restrict__ bias, half* __restrict__ out, int B, int N, int K) {
   constexpr int C = 8;
   __shared__ float red[WARPS][16][C];
-  w4::griddep_launch_dependents();
+  if constexpr (!LATE_TRIGGER) w4::griddep_launch_dependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int KB = K >> 7;
@@ -210,6 +210,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
       mw = __ldg(mp);
     }
   }
+  if constexpr (LATE_TRIGGER) w4::griddep_launch_dependents();
   w4::store_partials<1, C>(red[warp], acc, g, t);
   __syncthreads();
   w4::store_tile_outputs(red, (int)blockIdx.x * 16, B, N, bias, out);
@@ -246,8 +247,8 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // tokens, groups of 128: H200 v18d/e, 1 token with PDL, 4096x4096 4.20-4.26 -> 3.79-3.84 us, 11008x4096 9.04-9.07 ->
 // 7.69-7.76, 4096x11008 10.31 -> 9.22 against w4a16_packed_kernel), else w4a16_packed_kernel.
 // 10 / 11: w4a16_tiled_g128_kernel in blocks of 4 warps, 8 per SM (else 0 / 1). 12 / 13 (probe v19b, temporary): 2
-// warps, 16 per SM.
-constexpr int kNumTiledVariants = 14, kFirstFoldedVariant = 8;
+// warps, 16 per SM; 14 / 15 (probe v19b, temporary): 10 / 11 with the dependents' launch triggered after the k loop.
+constexpr int kNumTiledVariants = 16, kFirstFoldedVariant = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -269,6 +270,10 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
     case 6:
       w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<2, 16>, grid, dim3(2 * 32), 0, stream, pdl, x, qt, meta, bias, out, B,
                            N, K);
+      break;
+    case 7:
+      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8, true>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias,
+                           out, B, N, K);
       break;
     case 0:
       if (lean)
@@ -359,7 +364,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..13");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..15");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());

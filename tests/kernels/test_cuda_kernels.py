@@ -421,7 +421,7 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(14))
+@pytest.mark.parametrize("variant", range(16))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
