@@ -124,9 +124,7 @@ W4A16_TILED_VARIANTS = ["16 warps x 1 block", "16 warps x 1 block, PDL", "16 war
                         "16 warps x 2 blocks, PDL", "16 warps x 1 block, 3 blocks/SM", "16 warps x 1 block, 3 blocks/SM, PDL",
                         "16 warps x 1 block x 2 row tiles", "16 warps x 1 block x 2 row tiles, PDL",
                         "persistent, zero points folded", "persistent, zero points folded, PDL",
-                        "4 warps x 8 blocks/SM", "4 warps x 8 blocks/SM, PDL",
-                        "probe: 2 warps x 16 blocks/SM", "probe: 2 warps x 16 blocks/SM, PDL",
-                        "probe: 4 warps x 8 blocks/SM, late trigger", "probe: 4 warps x 8 blocks/SM, late trigger, PDL"]
+                        "4 warps x 8 blocks/SM", "4 warps x 8 blocks/SM, PDL"]
 PDL_NOTE = " (back-to-back W4A16 calls overlap)"
 
 

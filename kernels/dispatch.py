@@ -211,9 +211,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 # The extension's tiled-codes decode variants (kernels/csrc/w4a16_packed.cu launch_tiled_variant; odd = the same kernel
 # launched with PDL): 16 warps per 16-row tile at two blocks per SM (default: the lean kernel with stepped pointers at
 # <= 8 tokens and groups of 128); three per SM (40 registers); the persistent folded-zero-point kernel
-# (w4a16_folded.cu). (Two 128-k blocks per round, variant 3, is no longer dispatched: with the lean default it was
-# slower everywhere in the H200 sweep v18e, e.g. 29.98 vs 24.21 us at 11008 outputs, K = 13824.)
-TILED_DEFAULT, TILED_THREE_PER_SM, TILED_FOLDED_PDL = 0, 4, 9
+# (w4a16_folded.cu); the lean kernel in blocks of 4 warps, 8 per SM (where the lean kernel does not apply, past 8
+# tokens or with groups other than 128, the extension runs the default instead). (Two 128-k blocks per round, variant
+# 3, is no longer dispatched: with the lean default it was slower everywhere in the H200 sweep v18e, e.g. 29.98 vs
+# 24.21 us at 11008 outputs, K = 13824.)
+TILED_DEFAULT, TILED_THREE_PER_SM, TILED_FOLDED_PDL, TILED_SMALL_BLOCKS = 0, 4, 9, 10
+# 16-row tiles per SM (times 2) past which the 4-warp blocks beat the default (H200 v19b: at 4 tiles per SM the default
+# was ahead at K = 4096 / 5120 / 11008, at 5 and more the small blocks)
+SMALL_BLOCKS_MIN_TWICE_TILES_PER_SM = 9
 # The folded kernel's shared memory for the staged activations (w4a16_folded.cu kFoldSmemMax: 48 KB less its two
 # 16 x 16 x 8 fp32 reduction buffers): tokens * K * 2 bytes of fragments plus 64 bytes of sums per 128-k block.
 FOLDED_SMEM_BYTES = 48 * 1024 - 2 * 16 * 16 * 8 * 4
@@ -233,24 +238,33 @@ def _sm_count(device_index: int) -> int:
 def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: int, pdl: bool) -> int:
     """The tiled decode kernel's variant for ``out_features`` x ``in_features`` and ``tokens`` rows on ``sms`` SMs
     (odd: launched with programmatic dependent launch). Past one token group (> 8 tokens) the default: the others are
-    slower there (three per SM spills). Else by the number of 16-row tiles per SM, t (H200 sweep v18e at K = 4096,
-    5120, 11008, 13824 and t = 1.9-5.2, 1 token):
+    slower there (three per SM spills). Else by the number of 16-row tiles per SM, t (H200 sweeps v18e at K = 4096,
+    5120, 11008, 13824 and t = 1.9-5.2, 1 token; v19b at K = 4096, 5120, 11008 and t = 3-10.4, 1-8 tokens):
 
     - 2 < t <= 3: three blocks per SM (one wave instead of two): with PDL 5.0-5.8 vs 5.3-6.3 us for the default at
       K = 4096, 12.4-12.7 vs 12.3-13.8 at 11008, 14.9-15.4 vs 14.2-16.4 at 13824; plain 6.6-6.7 vs 7.1-7.5 at 4096 from
       t = 2.4 (at t = 2.1 the default was up to 1.2 us faster plainly: a rarely run launch, on the first call after
       the weights change).
     - t > 3 with PDL, where its staged activations fit (:func:`folded_decode_fits`): the persistent folded kernel
-      (8.03 vs 9.22 us at 4096x11008; within 0.35 us of the default either way at t = 3.5-4).
+      (8.03 vs 9.22 us at 4096x11008; within 0.35 us of the default either way at t = 3.5-4; at t = 5.2-8 also ahead
+      of the 4-warp blocks or level with them: 8.19 vs 8.94, 10.29 vs 10.37, 10.69 vs 11.22 at K = 4096).
+    - else t > 4.5: the lean kernel in blocks of 4 warps, 8 per SM (each warp a quarter of the k loop, up to 8 tiles
+      per SM resident at once): plain at 1 token 9.03-11.60 vs 10.24-14.04 us for the default at K = 4096, t = 5-8
+      (16.68 vs 17.90 at 10.4), 20.83 vs 21.68 at K = 11008, 12.64 vs 15.23 at K = 5120; with PDL at 4 / 8 tokens
+      (past the folded kernel's shared memory at K = 4096) 9.45-11.02 / 10.62-12.32 vs 10.25-12.98 / 11.71-14.59. At
+      t = 3.5-4 the default was ahead (e.g. 8.10 vs 8.36 plainly at K = 4096, 16.19 vs 18.42 at K = 11008).
     - else the default (the lean kernel: from t = 3.5 it beat three per SM everywhere, plainly too)."""
     tiles = -(-out_features // 16)
+    twin = 1 if pdl else 0
     if tokens > 8:
-        return TILED_DEFAULT + (1 if pdl else 0)
+        return TILED_DEFAULT + twin
     if 2 * sms < tiles <= 3 * sms:
-        return TILED_THREE_PER_SM + (1 if pdl else 0)
+        return TILED_THREE_PER_SM + twin
     if pdl and tiles > 3 * sms and folded_decode_fits(tokens, in_features):
         return TILED_FOLDED_PDL
-    return TILED_DEFAULT + (1 if pdl else 0)
+    if 2 * tiles > SMALL_BLOCKS_MIN_TWICE_TILES_PER_SM * sms:
+        return TILED_SMALL_BLOCKS + twin
+    return TILED_DEFAULT + twin
 
 
 def _capturing(x: torch.Tensor) -> bool:

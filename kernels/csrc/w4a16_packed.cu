@@ -160,7 +160,10 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_packed_kernel(
 // The tiled-codes kernel for one 16-row tile per block, one token group and groups of 128 (the decode case the
 // dispatcher launches): each warp's codes, metadata and activations addressed by pointers stepped by WARPS 128-k blocks
 // per round (the general kernel above recomputes 64-bit addresses from the block index every round under its register
-// cap: ~30 instructions per round).
+// cap: ~30 instructions per round). LATE_TRIGGER: the next kernel in the stream may launch (PDL) only once this block's
+// k loop is done, not at its start: for small blocks (4 warps, 8 per SM) that are all resident at once, an early
+// trigger lets the next kernel's blocks take the free slots and start their own weight requests mid-run, whose
+// remaining blocks then wait for slots (H200 v19b, 4 tokens, 4096x11008: 11.03 us with the early trigger, 9.45 late).
 template <int WARPS, int MINB, bool LATE_TRIGGER = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) w4a16_tiled_g128_kernel(
     const half* __restrict__ x, const uint8_t* __restrict__ qt, const uint2* __restrict__ meta,
@@ -245,10 +248,12 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // block (16 warps); 8 / 9 the persistent folded-zero-point kernel of w4a16_folded.cu where it applies (<= 8 tokens,
 // activations within its shared memory), else 0 / 1. Variants 0 / 1 run w4a16_tiled_g128_kernel where it applies (<= 8
 // tokens, groups of 128: H200 v18d/e, 1 token with PDL, 4096x4096 4.20-4.26 -> 3.79-3.84 us, 11008x4096 9.04-9.07 ->
-// 7.69-7.76, 4096x11008 10.31 -> 9.22 against w4a16_packed_kernel), else w4a16_packed_kernel.
-// 10 / 11: w4a16_tiled_g128_kernel in blocks of 4 warps, 8 per SM (else 0 / 1). 12 / 13 (probe v19b, temporary): 2
-// warps, 16 per SM; 14 / 15 (probe v19b, temporary): 10 / 11 with the dependents' launch triggered after the k loop.
-constexpr int kNumTiledVariants = 16, kFirstFoldedVariant = 8;
+// 7.69-7.76, 4096x11008 10.31 -> 9.22 against w4a16_packed_kernel), else w4a16_packed_kernel. 10 / 11: the lean kernel
+// in blocks of 4 warps, 8 per SM, its dependents launched after the k loop, where the lean kernel applies (else 0 / 1):
+// every warp runs KB / 4 rounds and up to 8 tiles per SM are resident at once (H200 v19b, K = 4096, 5-8 tiles per SM:
+// plainly 9.03-11.60 us vs 10.24-14.04 for variant 0; 4 and 8 tokens with PDL 9.45-12.32 vs 10.25-14.59 for variant
+// 1; at 1 token with PDL the folded kernel stays ahead, 8.19 vs 8.94 at 4096x11008).
+constexpr int kNumTiledVariants = 12, kFirstFoldedVariant = 8;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -264,14 +269,6 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
   if (variant >= 10 && !lean) variant &= 1;
   switch (variant >> 1) {
     case 5:
-      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias, out, B,
-                           N, K);
-      break;
-    case 6:
-      w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<2, 16>, grid, dim3(2 * 32), 0, stream, pdl, x, qt, meta, bias, out, B,
-                           N, K);
-      break;
-    case 7:
       w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8, true>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias,
                            out, B, N, K);
       break;
@@ -364,7 +361,7 @@ at::Tensor w4a16_gemm_packed_tiled_cuda(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(N > 0 && qt.is_cuda() && qt.scalar_type() == at::kByte && qt.is_contiguous() &&
                   qt.size(0) == (N + 15) / 16 * 16 && qt.size(1) * 2 == K,
               "w4a16_packed_tiled: qt must be a contiguous uint8 CUDA tensor [ceil(n/16) * 16, K/2] (pack_w4_tiled)");
-  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..15");
+  TORCH_CHECK(variant >= 0 && variant < kNumTiledVariants, "w4a16_packed_tiled: variant must be 0..11");
   const half* bp = w4::check_packed_args("w4a16_packed_tiled", x, qt, meta, group_size, bias, N, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());

@@ -421,7 +421,7 @@ def test_w4a16_packed_variants(variant: int, tokens: int, k: int, n: int, group:
     assert out.shape == (tokens, n) and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("variant", range(16))
+@pytest.mark.parametrize("variant", range(12))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("k,n,group", [(4096, 1000, 128), (11008, 256, 128), (1024, 4096, 256), (256, 40, 128),
                                        (512, 48, 512)])
@@ -431,7 +431,8 @@ def test_w4a16_packed_tiled(variant: int, tokens: int, k: int, n: int, group: in
     second tile clamped), N not a multiple of 16 (zero rows padding the last tile); variants 8 / 9 the persistent
     folded-zero-point kernel (w4a16_folded.cu) where its staged activations fit in 32 KB (1 token; 5 tokens at
     K <= 1024), else variant 0 / 1. Variants 0 / 1 run the lean kernel (stepped pointers) at 1 and 5 tokens with groups
-    of 128 (at K = 256 14 of its 16 warps have no 128-k block), the general one at 16 tokens and other groups."""
+    of 128 (at K = 256 14 of its 16 warps have no 128-k block), the general one at 16 tokens and other groups;
+    variants 10 / 11 the lean kernel in 4-warp blocks (K = 256: 2 of 4 warps idle) where it applies, else 0 / 1."""
     ext = kernels._ext.extension()
     gen = torch.Generator().manual_seed(variant * 17 + tokens + k + n)
     qw, scale, zero, bias, x, ref = _w4a16_case(gen, tokens, k, n, group)
@@ -641,16 +642,17 @@ def test_w4a16_dispatch_chain_with_pdl_matches_reference() -> None:
 
 
 def test_w4a16_dispatch_many_tiles_uses_the_folded_kernel() -> None:
-    """A wide W4A16 layer (5 tiles per SM) at 1 token runs the default tiled variant (plain), then on the next call
-    (weights unchanged) the persistent folded kernel with PDL, at 6 tokens (past that kernel's shared memory at
-    K = 4096) the default one with PDL, and at 12 tokens (two token groups) the same: all equal to the float32
-    reference."""
+    """A wide W4A16 layer (5 tiles per SM) at 1 token runs the 4-warp-block tiled variant (plain), then on the next
+    call (weights unchanged) the persistent folded kernel with PDL, at 6 tokens (past that kernel's shared memory at
+    K = 4096) the 4-warp blocks with PDL, and at 12 tokens (two token groups) the default with PDL: all equal to the
+    float32 reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n, k = 16 * 5 * sms, 4096
     layer = make_layer(k, n, 4, 16, group_size=128, w_symmetric=False).to(DEV).half()
-    assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == dispatch.TILED_DEFAULT
+    assert dispatch.tiled_decode_variant(n, k, 1, sms, False) == dispatch.TILED_SMALL_BLOCKS
     assert dispatch.tiled_decode_variant(n, k, 1, sms, True) == dispatch.TILED_FOLDED_PDL
-    assert dispatch.tiled_decode_variant(n, k, 6, sms, True) == dispatch.TILED_DEFAULT + 1
+    assert dispatch.tiled_decode_variant(n, k, 6, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
+    assert dispatch.tiled_decode_variant(n, k, 12, sms, True) == dispatch.TILED_DEFAULT + 1
     for tokens in (1, 1, 6, 12):
         x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
         out = layer(x)

@@ -332,16 +332,23 @@ def test_dequant_w4_tiled_op_matches_rows() -> None:
 
 def test_tiled_decode_variant_choice() -> None:
     """At most 8 tokens, by 16-row tiles per SM (t): three blocks per SM at 2 < t <= 3 (plain or PDL); with PDL the
-    persistent folded kernel at t > 3 where its staged activations fit in its shared memory; else the default and its
-    PDL twin (the odd variant)."""
+    persistent folded kernel at t > 3 where its staged activations fit in its shared memory; else at t > 4.5 4-warp
+    blocks; else the default; odd variants the PDL twins."""
     sms = 132
     choose = dispatch.tiled_decode_variant
-    assert choose(11008, 4096, 1, sms, False) == dispatch.TILED_DEFAULT  # 688 tiles: 5.2 per SM
+    assert choose(11008, 4096, 1, sms, False) == dispatch.TILED_SMALL_BLOCKS  # 688 tiles: 5.2 per SM
+    assert choose(11008, 4096, 8, sms, False) == dispatch.TILED_SMALL_BLOCKS
     assert choose(11008, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL
     assert choose(11008, 4096, 3, sms, True) == dispatch.TILED_FOLDED_PDL  # 3 x 8 KB + 2 KB of sums: fits
-    assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_DEFAULT + 1  # 4 x 8 KB + 2 KB: does not
+    assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1  # 4 x 8 KB + 2 KB: does not
     assert choose(11008, 11008, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # 21.5 KB + 5.4 KB
-    assert choose(11008, 11008, 2, sms, True) == dispatch.TILED_DEFAULT + 1
+    assert choose(11008, 11008, 2, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
+    assert choose(14336, 16384, 1, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1  # 32 KB: the folded kernel does not fit
+    half = 16 * 9 * sms // 2  # t = 4.5 exactly: the default; one tile more: the small blocks
+    assert choose(half, 4096, 1, sms, False) == dispatch.TILED_DEFAULT
+    assert choose(half, 4096, 4, sms, True) == dispatch.TILED_DEFAULT + 1
+    assert choose(half + 16, 4096, 1, sms, False) == dispatch.TILED_SMALL_BLOCKS
+    assert choose(half + 16, 4096, 4, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
     assert choose(11008, 4096, 9, sms, False) == dispatch.TILED_DEFAULT  # two token groups
     assert choose(11008, 4096, 9, sms, True) == dispatch.TILED_DEFAULT + 1
     assert choose(4096, 4096, 1, sms, True) == dispatch.TILED_DEFAULT + 1  # 256 tiles: 1.9 per SM
