@@ -219,6 +219,10 @@ TILED_DEFAULT, TILED_THREE_PER_SM, TILED_FOLDED_PDL, TILED_SMALL_BLOCKS = 0, 4, 
 # 16-row tiles per SM (times 2) past which the 4-warp blocks beat the default (H200 v19b: at 4 tiles per SM the default
 # was ahead at K = 4096 / 5120 / 11008, at 5 and more the small blocks)
 SMALL_BLOCKS_MIN_TWICE_TILES_PER_SM = 9
+# At 1 token with PDL, the band of tiles per SM (low exclusive, high inclusive) where the 4-warp blocks beat the folded
+# kernel (H200 v19d: 6.55 tiles per SM at K = 5120 12.01 vs 13.10 us, 6.79 at K = 11008 23.93 vs 24.83; level at
+# K = 4096, 10.28-10.37 vs 10.21-10.29 in v19b/c); below it and past one wave of 8 blocks per SM the folded kernel
+SMALL_BLOCKS_ONE_TOKEN_BAND = (6, 7)
 # The folded kernel's shared memory for the staged activations (w4a16_folded.cu kFoldSmemMax: 48 KB less its two
 # 16 x 16 x 8 fp32 reduction buffers): tokens * K * 2 bytes of fragments plus 64 bytes of sums per 128-k block.
 FOLDED_SMEM_BYTES = 48 * 1024 - 2 * 16 * 16 * 8 * 4
@@ -239,20 +243,25 @@ def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: 
     """The tiled decode kernel's variant for ``out_features`` x ``in_features`` and ``tokens`` rows on ``sms`` SMs
     (odd: launched with programmatic dependent launch). Past one token group (> 8 tokens) the default: the others are
     slower there (three per SM spills). Else by the number of 16-row tiles per SM, t (H200 sweeps v18e at K = 4096,
-    5120, 11008, 13824 and t = 1.9-5.2, 1 token; v19b at K = 4096, 5120, 11008 and t = 3-10.4, 1-8 tokens):
+    5120, 11008, 13824 and t = 1.9-5.2, 1 token; v19b-d at K = 4096, 5120, 8192, 11008 and t = 3-13.6, 1-8 tokens):
 
     - 2 < t <= 3: three blocks per SM (one wave instead of two): with PDL 5.0-5.8 vs 5.3-6.3 us for the default at
       K = 4096, 12.4-12.7 vs 12.3-13.8 at 11008, 14.9-15.4 vs 14.2-16.4 at 13824; plain 6.6-6.7 vs 7.1-7.5 at 4096 from
       t = 2.4 (at t = 2.1 the default was up to 1.2 us faster plainly: a rarely run launch, on the first call after
       the weights change).
-    - t > 3 with PDL, where its staged activations fit (:func:`folded_decode_fits`): the persistent folded kernel
-      (8.03 vs 9.22 us at 4096x11008; within 0.35 us of the default either way at t = 3.5-4; at t = 5.2-8 also ahead
-      of the 4-warp blocks or level with them: 8.19 vs 8.94, 10.29 vs 10.37, 10.69 vs 11.22 at K = 4096).
+    - 1 token, t > 3 with PDL, where its staged activations fit (:func:`folded_decode_fits`), outside 6 < t <= 7: the
+      persistent folded kernel (8.03 vs 9.22 us at 4096x11008; within 0.35 us of the default either way at t = 3.5-4;
+      ahead of the 4-warp blocks at t = 5-5.2, 7.96-8.19 vs 8.50-8.94 at K = 4096 and 14.60 vs 15.51 at K = 8192, and
+      past their one wave, 10.69 vs 11.22 at t = 8, K = 4096; 14.65 vs 17.90 at t = 8.5, K = 5120). At 2-3 tokens it
+      was level with or behind the 4-warp blocks at t = 5.2-6.8 (v19d: 8.92-12.10 vs 8.91-10.61) and behind the
+      default at t = 4 (7.43 / 8.30 vs 7.36 / 7.59 at 2 / 3 tokens), so it runs at 1 token only.
     - else t > 4.5: the lean kernel in blocks of 4 warps, 8 per SM (each warp a quarter of the k loop, up to 8 tiles
       per SM resident at once): plain at 1 token 9.03-11.60 vs 10.24-14.04 us for the default at K = 4096, t = 5-8
-      (16.68 vs 17.90 at 10.4), 20.83 vs 21.68 at K = 11008, 12.64 vs 15.23 at K = 5120; with PDL at 4 / 8 tokens
-      (past the folded kernel's shared memory at K = 4096) 9.45-11.02 / 10.62-12.32 vs 10.25-12.98 / 11.71-14.59. At
-      t = 3.5-4 the default was ahead (e.g. 8.10 vs 8.36 plainly at K = 4096, 16.19 vs 18.42 at K = 11008).
+      (16.68 vs 17.90 at 10.4), 20.83 vs 21.68 at K = 11008, 12.64 vs 15.23 at K = 5120; with PDL at 2-8 tokens
+      8.91-10.41 / 9.10-10.61 / 9.45-11.02 / 10.62-12.32 (2 / 3 / 4 / 8 tokens) vs 9.53-12.14 / 9.74-12.36 /
+      10.25-12.98 / 11.71-14.59 for the default at K = 4096, t = 5.2-6.8; at 1 token with PDL in 6 < t <= 7 (``SMALL_BLOCKS_ONE_TOKEN_BAND``: LLaMA-13B's 5120x13824 12.01 vs
+      13.10 for the folded kernel). At t = 3.5-4 the default was ahead (e.g. 8.10 vs 8.36 plainly at K = 4096, 16.19
+      vs 18.42 at K = 11008).
     - else the default (the lean kernel: from t = 3.5 it beat three per SM everywhere, plainly too)."""
     tiles = -(-out_features // 16)
     twin = 1 if pdl else 0
@@ -260,7 +269,9 @@ def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: 
         return TILED_DEFAULT + twin
     if 2 * sms < tiles <= 3 * sms:
         return TILED_THREE_PER_SM + twin
-    if pdl and tiles > 3 * sms and folded_decode_fits(tokens, in_features):
+    low, high = SMALL_BLOCKS_ONE_TOKEN_BAND
+    in_band = low * sms < tiles <= high * sms
+    if pdl and tokens == 1 and tiles > 3 * sms and not in_band and folded_decode_fits(tokens, in_features):
         return TILED_FOLDED_PDL
     if 2 * tiles > SMALL_BLOCKS_MIN_TWICE_TILES_PER_SM * sms:
         return TILED_SMALL_BLOCKS + twin

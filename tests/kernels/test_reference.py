@@ -331,16 +331,24 @@ def test_dequant_w4_tiled_op_matches_rows() -> None:
 
 
 def test_tiled_decode_variant_choice() -> None:
-    """At most 8 tokens, by 16-row tiles per SM (t): three blocks per SM at 2 < t <= 3 (plain or PDL); with PDL the
-    persistent folded kernel at t > 3 where its staged activations fit in its shared memory; else at t > 4.5 4-warp
-    blocks; else the default; odd variants the PDL twins."""
+    """At most 8 tokens, by 16-row tiles per SM (t): three blocks per SM at 2 < t <= 3 (plain or PDL); with PDL at 1
+    token the persistent folded kernel at t > 3 outside 6 < t <= 7 where its staged activations fit in its shared
+    memory; else at t > 4.5 4-warp blocks; else the default; odd variants the PDL twins."""
     sms = 132
     choose = dispatch.tiled_decode_variant
     assert choose(11008, 4096, 1, sms, False) == dispatch.TILED_SMALL_BLOCKS  # 688 tiles: 5.2 per SM
     assert choose(11008, 4096, 8, sms, False) == dispatch.TILED_SMALL_BLOCKS
     assert choose(11008, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL
-    assert choose(11008, 4096, 3, sms, True) == dispatch.TILED_FOLDED_PDL  # 3 x 8 KB + 2 KB of sums: fits
-    assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1  # 4 x 8 KB + 2 KB: does not
+    assert choose(11008, 4096, 3, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1  # fits, but 1 token only
+    assert choose(11008, 4096, 4, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
+    assert choose(8448, 4096, 2, sms, True) == dispatch.TILED_DEFAULT + 1  # t = 4 at 2 tokens: the default
+    # 1 token: the folded kernel but in 6 < t <= 7 (LLaMA-13B gate/up: 864 tiles, 6.5 per SM; t = 6 exactly: folded)
+    assert choose(13824, 5120, 1, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
+    assert choose(14336, 4096, 1, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
+    assert choose(16 * 6 * sms, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL
+    assert choose(16 * 7 * sms, 4096, 1, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
+    assert choose(16 * 7 * sms + 16, 4096, 1, sms, True) == dispatch.TILED_FOLDED_PDL
+    assert choose(28672, 8192, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # t = 13.6: past one wave of small blocks
     assert choose(11008, 11008, 1, sms, True) == dispatch.TILED_FOLDED_PDL  # 21.5 KB + 5.4 KB
     assert choose(11008, 11008, 2, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1
     assert choose(14336, 16384, 1, sms, True) == dispatch.TILED_SMALL_BLOCKS + 1  # 32 KB: the folded kernel does not fit
