@@ -259,9 +259,9 @@ def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: 
       per SM resident at once): plain at 1 token 9.03-11.60 vs 10.24-14.04 us for the default at K = 4096, t = 5-8
       (16.68 vs 17.90 at 10.4), 20.83 vs 21.68 at K = 11008, 12.64 vs 15.23 at K = 5120; with PDL at 2-8 tokens
       8.91-10.41 / 9.10-10.61 / 9.45-11.02 / 10.62-12.32 (2 / 3 / 4 / 8 tokens) vs 9.53-12.14 / 9.74-12.36 /
-      10.25-12.98 / 11.71-14.59 for the default at K = 4096, t = 5.2-6.8; at 1 token with PDL in 6 < t <= 7 (``SMALL_BLOCKS_ONE_TOKEN_BAND``: LLaMA-13B's 5120x13824 12.01 vs
-      13.10 for the folded kernel). At t = 3.5-4 the default was ahead (e.g. 8.10 vs 8.36 plainly at K = 4096, 16.19
-      vs 18.42 at K = 11008).
+      10.25-12.98 / 11.71-14.59 for the default at K = 4096, t = 5.2-6.8; at 1 token with PDL in 6 < t <= 7
+      (``SMALL_BLOCKS_ONE_TOKEN_BAND``: LLaMA-13B's 5120x13824 12.01 vs 13.10 for the folded kernel). At t = 3.5-4 the
+      default was ahead (e.g. 8.10 vs 8.36 plainly at K = 4096, 16.19 vs 18.42 at K = 11008).
     - else the default (the lean kernel: from t = 3.5 it beat three per SM everywhere, plainly too)."""
     tiles = -(-out_features // 16)
     twin = 1 if pdl else 0
