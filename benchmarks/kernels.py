@@ -343,7 +343,9 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
         gemm_bytes = wb + m * k + m * n * 2 + 4 * (2 * m + n)
         best = None
         for cfg, cname in [(0, "128x128x128 ping-pong, cluster 2x1"), (1, "128x256x128 cooperative, cluster 1x2"),
-                           (2, "64x128x256 ping-pong")]:
+                           (2, "64x128x256 ping-pong"), (3, "probe: 256x128x128 cooperative, cluster 2x1"),
+                           (4, "probe: 128x256x128 cooperative, cluster 2x1"),
+                           (5, "probe: 128x128x128 cooperative, cluster 2x1, stream-K")]:
             t = bench([lambda q=q, cfg=cfg: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, cfg) for q in wq])
             add(f"W8A8 wgmma GEMM only, cfg {cfg} {cname} (qaas)", t, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
             if best is None or t < best[1]:
