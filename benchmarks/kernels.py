@@ -343,9 +343,7 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
         gemm_bytes = wb + m * k + m * n * 2 + 4 * (2 * m + n)
         best = None
         for cfg, cname in [(0, "128x128x128 ping-pong, cluster 2x1"), (1, "128x256x128 cooperative, cluster 1x2"),
-                           (2, "64x128x256 ping-pong"), (3, "probe: 256x128x128 cooperative, cluster 2x1"),
-                           (4, "probe: 128x256x128 cooperative, cluster 2x1"),
-                           (5, "probe: 128x128x128 cooperative, cluster 2x1, stream-K")]:
+                           (2, "64x128x256 ping-pong"), (3, "128x256x128 cooperative, cluster 2x1")]:
             t = bench([lambda q=q, cfg=cfg: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, cfg) for q in wq])
             add(f"W8A8 wgmma GEMM only, cfg {cfg} {cname} (qaas)", t, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
             if best is None or t < best[1]:
@@ -472,7 +470,7 @@ def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
         t_fp16 = bench([lambda w=w, x=x: F.linear(x, w) for w, x in zip(wf, xs)])
         del wf
         q0, sa0, c0 = ext.act_quant_s8(xs[0], clip, 0, 0, None, None)
-        cfg = min((0, 1, 2), key=lambda c: bench([lambda q=q, c=c: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, c)
+        cfg = min((0, 1, 2, 3), key=lambda c: bench([lambda q=q, c=c: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, c)
                                                   for q in wq], iters=20, reps=3))
 
         def layer(q, x, mode, hb_, a, b, f):

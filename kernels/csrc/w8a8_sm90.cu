@@ -76,7 +76,7 @@ at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, c
     TORCH_CHECK(bias->scalar_type() == at::kHalf && bias->numel() == N && bias->is_contiguous(),
                 "w8a8_gemm_sm90: bias must be fp16 [N]");
   }
-  TORCH_CHECK(config >= -1 && config <= 5, "w8a8_gemm_sm90: config must be -1 (auto) or 0..5");
+  TORCH_CHECK(config >= -1 && config <= 3, "w8a8_gemm_sm90: config must be -1 (auto), 0, 1, 2 or 3");
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({M, N}, a.options().dtype(at::kHalf));
   if (M == 0) return out;
@@ -94,13 +94,12 @@ at::Tensor w8a8_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& a_scale, c
                       (int)K,
                       sm_count};
   int cfg = (int)config;
-  if (cfg < 0) cfg = M <= 64 ? 2 : 0;  // small M: 64-row tiles; prefill: 128x128 ping-pong
+  // small M: 64-row tiles; prefill: 128x128 ping-pong, or 128x256 cooperative at long K (w8a8_sm90.cuh Cfg3)
+  if (cfg < 0) cfg = M <= 64 ? 2 : (K >= 8192 ? 3 : 0);
   if (cfg == 0) sm90::run_cfg0(p, a);
   else if (cfg == 1) sm90::run_cfg1(p, a);
   else if (cfg == 2) sm90::run_cfg2(p, a);
-  else if (cfg == 3) sm90::run_cfg3(p, a);
-  else if (cfg == 4) sm90::run_cfg4(p, a);
-  else sm90::run_cfg5(p, a);
+  else sm90::run_cfg3(p, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 #else

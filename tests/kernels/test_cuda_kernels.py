@@ -691,7 +691,7 @@ def test_sm90_gemm_is_built() -> None:
     assert kernels._ext.extension().has_sm90_gemm()
 
 
-@pytest.mark.parametrize("config", [-1, 0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("config", [-1, 0, 1, 2, 3])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 4096), (77, 1008, 4096), (300, 4096, 11008), (2048, 512, 256), (130, 11008, 64)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_w8a8_gemm_sm90(config: int, m: int, n: int, k: int, with_bias: bool) -> None:

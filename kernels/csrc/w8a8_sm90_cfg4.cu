@@ -1,8 +1,0 @@
-// Instantiation of W8A8 GEMM tile configuration 4 (see w8a8_sm90.cuh); built only with CUTLASS.
-#include "w8a8_sm90.cuh"
-
-namespace qaas {
-namespace sm90 {
-void run_cfg4(const GemmProblem& p, const at::Tensor& like) { Cfg4::run(p, like); }
-}  // namespace sm90
-}  // namespace qaas
