@@ -238,6 +238,9 @@ def add_w4a16_batched_rows(ext, w4: list, tiled: list, xs4: list, group: int, n:
 
 
 # kernels/csrc/w4a16_sm90.cuh configurations: weight rows x tokens x k per tile (codes reordered by w4a16_sm90_reorder)
+# kernels/csrc/w8a8_sm90.cuh Cfg0..Cfg3 (the extension's w8a8_gemm_sm90 config argument)
+W8A8_SM90_CONFIGS = ["128x128x128 ping-pong, cluster 2x1", "128x256x128 cooperative, cluster 1x2", "64x128x256 ping-pong",
+                     "128x256x128 cooperative, cluster 2x1"]
 W4A16_SM90_CONFIGS = ["128x32x64", "128x64x64", "128x128x64", "128x256x64", "128x32x128", "128x64x128", "128x128x128"]
 
 
@@ -342,8 +345,7 @@ def run_shape(k: int, n: int, m: int, bw: float, gen: torch.Generator, sections:
         q0, sa0, c0 = ext.act_quant_s8(xs[0], clip, 0, 0, None, None)
         gemm_bytes = wb + m * k + m * n * 2 + 4 * (2 * m + n)
         best = None
-        for cfg, cname in [(0, "128x128x128 ping-pong, cluster 2x1"), (1, "128x256x128 cooperative, cluster 1x2"),
-                           (2, "64x128x256 ping-pong"), (3, "128x256x128 cooperative, cluster 2x1")]:
+        for cfg, cname in enumerate(W8A8_SM90_CONFIGS):
             t = bench([lambda q=q, cfg=cfg: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, cfg) for q in wq])
             add(f"W8A8 wgmma GEMM only, cfg {cfg} {cname} (qaas)", t, gemm_bytes, flops, PEAK_INT8_TOPS, t_fp16)
             if best is None or t < best[1]:
@@ -470,8 +472,9 @@ def run_layer_share(m: int, gen: torch.Generator) -> list[dict]:
         t_fp16 = bench([lambda w=w, x=x: F.linear(x, w) for w, x in zip(wf, xs)])
         del wf
         q0, sa0, c0 = ext.act_quant_s8(xs[0], clip, 0, 0, None, None)
-        cfg = min((0, 1, 2, 3), key=lambda c: bench([lambda q=q, c=c: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, c)
-                                                  for q in wq], iters=20, reps=3))
+        cfg = min(range(len(W8A8_SM90_CONFIGS)),
+                  key=lambda c: bench([lambda q=q, c=c: ext.w8a8_gemm_sm90(q0, sa0, c0, q[0], q[1], None, c)
+                                       for q in wq], iters=20, reps=3))
 
         def layer(q, x, mode, hb_, a, b, f):
             qa, sa, ca = ext.act_quant_s8(x, clip, mode, hb_, a, b, f)
