@@ -216,9 +216,9 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 # 3, is no longer dispatched: with the lean default it was slower everywhere in the H200 sweep v18e, e.g. 29.98 vs
 # 24.21 us at 11008 outputs, K = 13824.)
 TILED_DEFAULT, TILED_THREE_PER_SM, TILED_FOLDED_PDL, TILED_SMALL_BLOCKS = 0, 4, 9, 10
-# 16-row tiles per SM (times 2) past which the 4-warp blocks beat the default (H200 v19b: at 4 tiles per SM the default
-# was ahead at K = 4096 / 5120 / 11008, at 5 and more the small blocks)
-SMALL_BLOCKS_MIN_TWICE_TILES_PER_SM = 9
+# 16-row tiles per SM past which the 4-warp blocks beat the default (H200 v19b: at 4 tiles per SM the default was ahead
+# at K = 4096 / 5120 / 11008, at 5 and more the small blocks)
+SMALL_BLOCKS_MIN_TILES_PER_SM = 4.5
 # At 1 token with PDL, the band of tiles per SM (low exclusive, high inclusive) where the 4-warp blocks beat the folded
 # kernel (H200 v19d: 6.55 tiles per SM at K = 5120 12.01 vs 13.10 us, 6.79 at K = 11008 23.93 vs 24.83; level at
 # K = 4096, 10.28-10.37 vs 10.21-10.29 in v19b/c); below it and past one wave of 8 blocks per SM the folded kernel
@@ -273,7 +273,7 @@ def tiled_decode_variant(out_features: int, in_features: int, tokens: int, sms: 
     in_band = low * sms < tiles <= high * sms
     if pdl and tokens == 1 and tiles > 3 * sms and not in_band and folded_decode_fits(tokens, in_features):
         return TILED_FOLDED_PDL
-    if 2 * tiles > SMALL_BLOCKS_MIN_TWICE_TILES_PER_SM * sms:
+    if tiles > SMALL_BLOCKS_MIN_TILES_PER_SM * sms:
         return TILED_SMALL_BLOCKS + twin
     return TILED_DEFAULT + twin
 
