@@ -253,7 +253,7 @@ void launch_packed_variant(int variant, cudaStream_t stream, const half* x, cons
 // every warp runs KB / 4 rounds and up to 8 tiles per SM are resident at once (H200 v19b, K = 4096, 5-8 tiles per SM:
 // plainly 9.03-11.60 us vs 10.24-14.04 for variant 0; 4 and 8 tokens with PDL 9.45-12.32 vs 10.25-14.59 for variant
 // 1; at 1 token with PDL the folded kernel stays ahead, 8.19 vs 8.94 at 4096x11008).
-constexpr int kNumTiledVariants = 12, kFirstFoldedVariant = 8;
+constexpr int kNumTiledVariants = 12, kFirstFoldedVariant = 8, kSmallBlockVariant = 10;
 template <int NT>
 void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const uint8_t* qt, const uint2* meta,
                           const half* bias, half* out, int B, int N, int K, int group_size) {
@@ -266,9 +266,9 @@ void launch_tiled_variant(int variant, cudaStream_t stream, const half* x, const
   const dim3 grid((unsigned)((N + 15) / 16)), block(16 * 32);
   const int G = K / group_size, kpg = group_size / 128;
   const bool lean = NT == 1 && kpg == 1;
-  if (variant >= 10 && !lean) variant &= 1;
+  if (variant >= kSmallBlockVariant && !lean) variant &= 1;
   switch (variant >> 1) {
-    case 5:
+    case kSmallBlockVariant >> 1:
       w4::launch_maybe_pdl(w4a16_tiled_g128_kernel<4, 8, true>, grid, dim3(4 * 32), 0, stream, pdl, x, qt, meta, bias,
                            out, B, N, K);
       break;
